@@ -1,0 +1,3 @@
+from dpkd.cli import main
+
+raise SystemExit(main())

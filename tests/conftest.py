@@ -1,0 +1,105 @@
+"""The test kit every test uses: an offline tokenizer and tiny teacher/student pairs that share it.
+
+Models are built from configs (random weights), saved with `save_pretrained` and loaded back with
+`AutoModelForCausalLM.from_pretrained`, the path a user takes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from dpkd.modeling import save_model_and_tokenizer, tiny_config, train_bpe_tokenizer  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "minillm_eval"
+
+_WORDS = (
+    "the a of to and in is it you that he was for on are with as his they be at one have this from or had "
+    "by word but what some we can out other were all there when up use your how said an each she which do "
+    "their time if will way about many then them write would like so these her long make thing see him two "
+    "has look more day could go come did number sound no most people my over know water than call first who "
+    "may down side been now find any new work part take get place made live where after back little only "
+    "round man year came show every good me give our under name very through just form sentence great think "
+    "say help low line differ turn cause much mean before move right boy old too same tell does set three "
+    "want air well also play small end put home read hand port large spell add even land here must big high "
+    "such follow act why ask men change went light kind off need house picture try us again animal point "
+    "mother world near build self earth father instruction response input task answer list sort reverse"
+).split()
+
+
+def make_corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
+    """Deterministic English-like text plus the Alpaca template, for training the test tokenizer."""
+    rng = random.Random(seed)
+    corpus = [
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\n",
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\n\n### Input:\n"
+        "\n\n### Response:\n",
+    ]
+    for _ in range(n_sentences):
+        words = rng.choices(_WORDS, k=rng.randint(4, 14))
+        corpus.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ",", ":"]) + " " + str(rng.randint(0, 999)))
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(make_corpus(), vocab_size=512).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _build_pair(root: Path, arch: str, tokenizer) -> tuple[Path, Path]:
+    torch.manual_seed(1234)
+    vocab = len(tokenizer)
+    eos = tokenizer.eos_token_id
+    teacher = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, n_layer=3, d_model=64, n_head=4, eos_token_id=eos))
+    student = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, n_layer=2, d_model=32, n_head=2, eos_token_id=eos))
+    return (save_model_and_tokenizer(teacher, tokenizer, root / f"{arch}-teacher"),
+            save_model_and_tokenizer(student, tokenizer, root / f"{arch}-student"))
+
+
+@pytest.fixture(scope="session")
+def model_pairs(tmp_path_factory, tokenizer) -> dict[str, tuple[Path, Path]]:
+    """{"gpt2": (teacher_dir, student_dir), "llama": (...)}: saved directories, shared tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: _build_pair(root, arch, tokenizer) for arch in ("gpt2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(model_pairs) -> Path:
+    return model_pairs["llama"][0]
+
+
+@pytest.fixture(scope="session")
+def student_dir(model_pairs) -> Path:
+    return model_pairs["llama"][1]
+
+
+def load_model(path):
+    """Load a saved model as a user would."""
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """MiniLLM's evaluation sets, shipped beside the repository in ../shared/data/minillm_eval."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the bundled evaluation data is missing: {SHARED_DATA}")
+    return SHARED_DATA
