@@ -54,7 +54,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward β·log q/p")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype for generation and scoring (float32 is the fast path on CPUs)")
 
 
 def _run_eval(args: argparse.Namespace) -> int:

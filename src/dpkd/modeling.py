@@ -5,10 +5,12 @@ Nothing here downloads: everything loads from local paths or is built from a con
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -64,3 +66,276 @@ def save_model_and_tokenizer(model, tokenizer, path: str | Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """`torch.float32`, a name such as `"bf16"`/`"bfloat16"`, `"auto"` (the checkpoint's own) or None (float32)."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _check_local_source(path: str | Path, gguf_file: str | None) -> None:
+    """Fail early and by name on a local path that does not exist (a hub id, `org/name`, is passed through)."""
+    path = Path(path)
+    looks_local = path.is_absolute() or str(path).startswith(".") or len(path.parts) > 2 or path.exists()
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if gguf_file is not None and path.is_dir() and not (path / gguf_file).is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {str(path)!r}")
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory (or hub id) with `AutoModelForCausalLM.from_pretrained`.
+
+    safetensors weights are preferred when both formats are present (a `.bin` checkpoint is read with
+    `torch.load(weights_only=True)` by transformers). `gguf_file` names a GGUF file inside `path`
+    (transformers dequantises it to `dtype`; the `gguf` package must be installed). `device` places the
+    weights while loading (`device_map`), so a big teacher never sits twice in host memory.
+    Remote code runs only when `trust_remote_code=True`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_local_source(path, gguf_file)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    resolved = resolve_dtype(dtype)
+    if resolved is not None:
+        kwargs["dtype"] = resolved
+    if device is not None:
+        kwargs["device_map"] = {"": str(device)}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = _has_safetensors(path) or None
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def _has_safetensors(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def load_tokenizer(
+    path: str | Path,
+    *,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    padding_side: str = "left",
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer with `AutoTokenizer.from_pretrained`; give it a pad token (EOS) if it has none.
+
+    Left padding by default: prompts are padded on the left for generation.
+    """
+    from transformers import AutoTokenizer
+
+    _check_local_source(path, gguf_file)
+    kwargs = {"trust_remote_code": trust_remote_code, "padding_side": padding_side}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {str(path)!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student do not share a vocabulary: their token ids mean different things."""
+
+
+def check_tokenizers_match(
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    *,
+    teacher_vocab_size: int | None = None,
+    student_vocab_size: int | None = None,
+    max_listed: int = 10,
+) -> None:
+    """Raise `TokenizerMismatchError` saying what differs, unless both map every token to the same id.
+
+    Compared: the token → id maps (tokens whose ids differ, tokens only one side has), the EOS and pad
+    ids, and, when given, the models' vocabulary sizes (`config.vocab_size`: the width of their logits,
+    which token-level losses compare position by position).
+    """
+    problems: list[str] = []
+    if teacher_vocab_size is not None and student_vocab_size is not None and teacher_vocab_size != student_vocab_size:
+        problems.append(f"model vocabulary sizes differ: teacher {teacher_vocab_size}, student {student_vocab_size}")
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if len(teacher_vocab) != len(student_vocab):
+        problems.append(f"tokenizer sizes differ: teacher {len(teacher_vocab)} tokens, student {len(student_vocab)}")
+    different_ids = sorted(
+        (teacher_vocab[t], t, student_vocab[t]) for t in teacher_vocab.keys() & student_vocab.keys()
+        if teacher_vocab[t] != student_vocab[t]
+    )
+    if different_ids:
+        listed = ", ".join(f"{t!r} (teacher {a}, student {b})" for a, t, b in different_ids[:max_listed])
+        problems.append(f"{len(different_ids)} tokens have different ids: {listed}")
+    for side, only in (("teacher", teacher_vocab.keys() - student_vocab.keys()),
+                       ("student", student_vocab.keys() - teacher_vocab.keys())):
+        if only:
+            vocab = teacher_vocab if side == "teacher" else student_vocab
+            listed = ", ".join(f"{t!r} (id {vocab[t]})" for t in sorted(only, key=vocab.get)[:max_listed])
+            problems.append(f"{len(only)} tokens only in the {side} tokenizer: {listed}")
+    for name in ("eos_token_id", "pad_token_id"):
+        teacher_id, student_id = getattr(teacher_tokenizer, name), getattr(student_tokenizer, name)
+        if teacher_id != student_id:
+            problems.append(f"{name} differs: teacher {teacher_id}, student {student_id}")
+    if problems:
+        raise TokenizerMismatchError(
+            "teacher and student tokenizers do not match; distillation compares token ids and needs one "
+            "shared vocabulary:\n  - " + "\n  - ".join(problems)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Students
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _block_list(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of transformer blocks: the one with `num_hidden_layers` entries (`model.layers`, `transformer.h`, ...)."""
+    n_layers = model.config.num_hidden_layers
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"student_from_teacher: expected one list of {n_layers} transformer blocks in "
+            f"{type(model).__name__}, found {[name for name, _ in candidates]}"
+        )
+    return candidates[0]
+
+
+def student_from_teacher(
+    teacher: PreTrainedModel, keep_every: int = 2, *, layers: Sequence[int] | None = None
+) -> PreTrainedModel:
+    """A smaller student built from a teacher's own weights: blocks 0, k, 2k, ... (k = `keep_every`).
+
+    How same-tokenizer students are usually initialised (DistilBERT kept every other layer): the
+    student starts from the teacher's embeddings, final norm, LM head and the kept blocks, copied, with
+    the same architecture and `num_hidden_layers` set to the number kept (per-layer config lists such as
+    `layer_types` are subset to match). `layers` chooses the blocks explicitly instead. Works for any
+    decoder whose blocks sit in one `ModuleList` (Llama, GPT-2, OPT, Mistral, Qwen2, ...); the result
+    saves with `save_pretrained` and reloads with `AutoModelForCausalLM.from_pretrained`.
+    """
+    n_layers = teacher.config.num_hidden_layers
+    if layers is None:
+        if keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+        layers = list(range(0, n_layers, keep_every))
+    layers = list(layers)
+    if not layers or any(not 0 <= i < n_layers for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct block indices in [0, {n_layers}), got {layers}")
+    list_name, _ = _block_list(teacher)
+    config = copy.deepcopy(teacher.config)
+    for field, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n_layers and field != "architectures":
+            setattr(config, field, [value[i] for i in layers])
+    config.num_hidden_layers = len(layers)
+    student = type(teacher)(config).to(dtype=next(teacher.parameters()).dtype)
+    new_index = {old: new for new, old in enumerate(layers)}
+    prefix = list_name + "."
+    state = {}
+    for key, tensor in teacher.state_dict().items():
+        if key.startswith(prefix):
+            block, rest = key[len(prefix):].split(".", 1)
+            if int(block) not in new_index:
+                continue
+            key = f"{prefix}{new_index[int(block)]}.{rest}"
+        state[key] = tensor.detach().clone()
+    student.load_state_dict(state, strict=True)
+    student.train(teacher.training)
+    return student
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] | str | None = None,
+    **lora_kwargs,
+):
+    """Wrap a causal LM with peft LoRA adapters; only the adapters train.
+
+    `target_modules=None` takes peft's defaults for known architectures (the attention projections:
+    `q_proj`/`v_proj` for Llama, `c_attn` for GPT-2) and every linear layer but the head otherwise.
+    Extra keywords go to `peft.LoraConfig`. `model.merge_and_unload()` gives back a plain model for
+    `save_pretrained`.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError as error:
+        raise ImportError("LoRA needs peft: pip install 'dpkd[peft]'") from error
+    if target_modules is None and model.config.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        target_modules = "all-linear"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed: the frozen teacher
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepare_teacher(teacher: PreTrainedModel, accelerator):
+    """Place a frozen teacher for inference under the accelerator's distributed setup; returns the model to call.
+
+    - DDP / single process: `accelerator.prepare_model(teacher, evaluation_mode=True)`: moved to the device,
+      not wrapped in DDP (it has no gradients to synchronise), a full copy per rank.
+    - FSDP2: sharded with `fully_shard` like the student (each block, then the root), so each rank holds
+      1/N of it; its forward gathers the shards. Generate with `synced_gpus=True`. (FSDP1 configs fall
+      through to the first case: a full, unwrapped copy per rank.)
+    - DeepSpeed: a separate inference engine from the accelerator's DeepSpeed config without optimizer
+      or scheduler; ZeRO-3 shards it (generate with `synced_gpus=True`), ZeRO-2 and lower keep a full
+      copy (stage 0), since ZeRO-2 shards only optimizer states and gradients, which a teacher has none of.
+    The teacher is put in eval mode with gradients off first.
+    """
+    from accelerate.utils import DistributedType
+
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for training_only in ("optimizer", "scheduler"):
+            config.pop(training_only, None)
+        zero = config.setdefault("zero_optimization", {})
+        zero.pop("offload_optimizer", None)
+        if zero.get("stage", 0) != 3:
+            zero["stage"] = 0
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()
+        return engine
+    if accelerator.distributed_type == DistributedType.FSDP and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if not isinstance(teacher, FSDPModule):
+            teacher.to(accelerator.device)
+            _, blocks = _block_list(teacher)
+            for block in blocks:
+                fully_shard(block)
+            fully_shard(teacher)
+        return teacher
+    return accelerator.prepare_model(teacher, evaluation_mode=True)

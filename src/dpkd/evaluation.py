@@ -1,0 +1,566 @@
+"""Evaluation as in MiniLLM and DPKD: exact match and ROUGE-L on instruction sets, over several seeds.
+
+`compute_metrics` is the metric; `evaluate_model` (behind `dpkd eval`) generates on the evaluation sets,
+keeps resumable predictions files, and writes `metrics.json`; with a teacher it adds the paper's Table 3
+diagnostics (implicit reward and reverse KL on the first response token). Reports live in `dpkd.report`.
+
+Output layout of `evaluate_model(model, out_dir=OUT)`:
+
+    OUT/metrics.json                            per set: per-seed values, their mean and std, settings
+    OUT/predictions/<set>/seed<k>.jsonl         one line per example, written batch by batch
+    OUT/predictions/<set>/seed<k>.settings.json what produced that file (model, sampling, batch size)
+    OUT/teacher_predictions/<set>/...           the same for the teacher's outputs (with a teacher)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import re
+import string
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from dpkd.data import BUNDLED_SETS as _BUNDLED_SET_FILES
+from dpkd.data import DataError, load_instruction_data
+from dpkd.generation import SamplingConfig, generate_texts, left_pad
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_SETS = tuple(_BUNDLED_SET_FILES)
+DEFAULT_SETS = ("dolly", "selfinst", "vicuna", "sinst")
+DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+# Reference-length buckets of the paper's Tables 4-5, in words: [0, 30), [30, 70), [70, inf).
+LENGTH_BUCKETS = (("0-30", 0, 30), ("30-70", 30, 70), ("70+", 70, math.inf))
+
+_PUNCTUATION = set(string.punctuation)
+_rouge_scorer = None
+
+
+class EvaluationError(ValueError):
+    """Bad input to `dpkd eval` or `dpkd report`: the message names the argument, file or field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def normalize_answer(text: str) -> str:
+    """MiniLLM's normalisation: lower-case, drop ASCII punctuation, collapse whitespace (articles stay)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(text.split())
+
+
+def _rouge_l(prediction: str, reference: str) -> float:
+    global _rouge_scorer
+    if _rouge_scorer is None:
+        from rouge_score import rouge_scorer
+
+        _rouge_scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _rouge_scorer.score(target=reference, prediction=prediction)["rougeL"].fmeasure
+
+
+def compute_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Exact match and ROUGE-L as MiniLLM computes them, both in percent.
+
+    exact_match = 100 · mean_i max_r [normalize(pred_i) == normalize(ref_ir)]
+    rougeL      = 100 · mean_i max_r F1_LCS(pred_i, ref_ir)   (rouge-score, Porter stemmer, reference as target)
+    """
+    if len(predictions) != len(references):
+        raise EvaluationError(f"compute_metrics: {len(predictions)} predictions but {len(references)} reference lists")
+    if not predictions:
+        raise EvaluationError("compute_metrics: no predictions to score")
+    exact = rouge = 0.0
+    for i, (prediction, refs) in enumerate(zip(predictions, references)):
+        if isinstance(refs, str) or not refs:
+            raise EvaluationError(f"compute_metrics: references[{i}] must be a non-empty list of strings")
+        normalized = normalize_answer(prediction)
+        exact += max(float(normalized == normalize_answer(r)) for r in refs)
+        rouge += max(_rouge_l(prediction, r) for r in refs)
+    return {"exact_match": 100.0 * exact / len(predictions), "rougeL": 100.0 * rouge / len(predictions)}
+
+
+def length_bucket(reference: str) -> str:
+    """The paper's bucket ("0-30", "30-70", "70+") of a reference by its number of words."""
+    words = len(reference.split())
+    return next(name for name, low, high in LENGTH_BUCKETS if low <= words < high)
+
+
+def metrics_by_reference_length(
+    predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> dict[str, dict[str, float | int | None]]:
+    """`compute_metrics` within each reference-length bucket (the first reference decides the bucket).
+
+    Returns {bucket: {"n": count, "exact_match": ..., "rougeL": ...}}; metrics are None for an empty bucket.
+    """
+    out: dict[str, dict[str, float | int | None]] = {}
+    for name, _, _ in LENGTH_BUCKETS:
+        rows = [i for i, refs in enumerate(references) if length_bucket(refs[0]) == name]
+        scores = (compute_metrics([predictions[i] for i in rows], [references[i] for i in rows])
+                  if rows else {"exact_match": None, "rougeL": None})
+        out[name] = {"n": len(rows), **scores}
+    return out
+
+
+def summarize_seeds(per_seed: Sequence[dict]) -> dict:
+    """Mean and population standard deviation (ddof=0) over seeds, leaf by leaf of nested dicts.
+
+    A leaf that is None for any seed (an empty bucket) stays None.
+    """
+    first = per_seed[0]
+    if isinstance(first, dict):
+        return {key: summarize_seeds([d[key] for d in per_seed]) for key in first}
+    if any(v is None for v in per_seed):
+        return {"mean": None, "std": None}
+    mean = sum(per_seed) / len(per_seed)
+    std = math.sqrt(sum((v - mean) ** 2 for v in per_seed) / len(per_seed))
+    return {"mean": mean, "std": std}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking arguments (before anything is loaded)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'10,20,30' -> [10, 20, 30]; a clear error naming the bad item."""
+    seeds = []
+    for item in (s.strip() for s in text.split(",")):
+        if not re.fullmatch(r"-?\d+", item):
+            raise EvaluationError(f"--seeds: {item!r} is not an integer (expected e.g. 10,20,30,40,50)")
+        seeds.append(int(item))
+    if len(set(seeds)) != len(seeds):
+        raise EvaluationError(f"--seeds: {text!r} repeats a seed")
+    return seeds
+
+
+def set_name(source: str) -> str:
+    """The name a set's results are filed under: the bundled name, or a data file's stem."""
+    return source if source in BUNDLED_SETS else Path(source).stem
+
+
+def check_data_sources(sources: Sequence[str]) -> list[str]:
+    """Each source must be a bundled set name or an existing file or directory."""
+    sources = [s.strip() for s in sources if s.strip()]
+    if not sources:
+        raise EvaluationError("--data: no evaluation set given")
+    for source in sources:
+        if source not in BUNDLED_SETS and not Path(source).exists():
+            raise EvaluationError(
+                f"--data: unknown evaluation set {source!r}: expected one of {', '.join(BUNDLED_SETS)} "
+                "or the path of an existing data file"
+            )
+    names = [set_name(s) for s in sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise EvaluationError(f"--data: two sets would be filed under the same name {duplicates[0]!r}")
+    return sources
+
+
+def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
+    """A model directory that `from_pretrained` can load: it exists and holds config.json."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationError(f"{argument}: model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise EvaluationError(f"{argument}: {str(path)!r} has no config.json; is it a saved model directory?")
+    return path
+
+
+def model_fingerprint(path: Path) -> str:
+    """A cheap identity of a saved model: its config and, per weights file, its size and first/last MiB.
+
+    Training changes every tensor, so a retrained model at the same path gets a new fingerprint without
+    hashing gigabytes of weights.
+    """
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    chunk = 1 << 20
+    for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as f:
+            digest.update(f.read(chunk))
+            f.seek(max(size - chunk, 0))
+            digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable predictions files
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The complete JSON lines of a predictions file; a line cut by an interruption ends the list."""
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def _reusable_prefix(records: list[dict], prompts: Sequence[str], batch_size: int, path: Path) -> int:
+    """How many leading records can be kept: whole batches laid out exactly as this run lays them out."""
+    total = len(prompts)
+    kept = 0
+    for start in range(0, total, batch_size):
+        end = min(start + batch_size, total)
+        batch = records[start:end]
+        if len(batch) < end - start or any(r.get("index") != start + j or r.get("batch_end") != end
+                                           for j, r in enumerate(batch)):
+            break
+        for r in batch:
+            if r.get("prompt") != prompts[r["index"]]:
+                raise EvaluationError(
+                    f"{path}: line {r['index'] + 1} was generated for another prompt than example "
+                    f"{r['index']} of this set (the data changed); delete the file or pass another --out"
+                )
+        kept = end
+    # Lines past the reusable prefix are redone only when they are less than one batch's worth: a batch
+    # cut by an interruption, or the short last batch of a run with a smaller --limit. More means real
+    # work done with another layout, which is not thrown away silently.
+    if kept < total and len(records) - kept >= batch_size:
+        raise EvaluationError(
+            f"{path}: holds {len(records)} predictions laid out for another --limit; only the first {kept} "
+            f"fit this run's {total} examples. Pass another --out or delete the file to start over"
+        )
+    return kept
+
+
+def generate_predictions(
+    model,
+    tokenizer,
+    dataset,
+    path: Path,
+    settings: dict,
+    sampling: SamplingConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    max_prompt_length: int | None,
+    progress_label: str = "",
+) -> list[str]:
+    """Predictions for every example of `dataset`, resuming the JSONL file at `path` if it exists.
+
+    Each line: {"index", "prompt", "prediction", "references", "batch_end"}; lines are flushed batch by
+    batch. A rerun keeps the complete batches already there and generates the rest; batches are seeded by
+    `generate_texts` from `seed` and their first index, so the result equals an uninterrupted run. A file
+    whose `<stem>.settings.json` disagrees with `settings` is refused.
+    """
+    from tqdm.auto import tqdm
+
+    prompts, references = list(dataset["prompt"]), list(dataset["references"])
+    settings_path = path.with_name(path.stem + ".settings.json")
+    records: list[dict] = []
+    if path.exists():
+        if not settings_path.exists():
+            raise EvaluationError(f"{path}: exists without {settings_path.name}, so what produced it is "
+                                  "unknown; delete the file or pass another --out")
+        saved = json.loads(settings_path.read_text())
+        if saved != settings:
+            differing = sorted(k for k in set(settings) | set(saved) if saved.get(k) != settings.get(k))
+            raise EvaluationError(
+                f"{path}: predictions made with other settings (differ in: {', '.join(differing)}); "
+                "delete the file or pass another --out"
+            )
+        records = _read_records(path)
+        kept = _reusable_prefix(records, prompts, batch_size, path)
+        if kept == len(prompts):
+            # Complete (possibly for a larger --limit too): nothing to generate, the file stays as it is.
+            return [r["prediction"] for r in records[:kept]]
+        records = records[:kept]
+        if kept:
+            logger.info("%s: resuming after %d of %d predictions", path, kept, len(prompts))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        bar = tqdm(total=len(prompts), initial=len(records), desc=progress_label, unit="ex", leave=False)
+        for start in range(len(records), len(prompts), batch_size):
+            end = min(start + batch_size, len(prompts))
+            texts = generate_texts(model, tokenizer, prompts[start:end], sampling, batch_size=end - start,
+                                   max_prompt_length=max_prompt_length, seed=seed, start_index=start)
+            for i, text in zip(range(start, end), texts):
+                record = {"index": i, "prompt": prompts[i], "prediction": text,
+                          "references": list(references[i]), "batch_end": end}
+                records.append(record)
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(end - start)
+        bar.close()
+    return [r["prediction"] for r in records]
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher diagnostics (the paper's Table 3)
+
+
+def _forward(model, input_ids, attention_mask, logits_to_keep: int):
+    import inspect
+
+    # Left padding: positions must count real tokens only, or padded rows see shifted positions.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = logits_to_keep
+    return model(**kwargs).logits[:, -logits_to_keep:]
+
+
+def response_logps(model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], *,
+                   pad_token_id: int, batch_size: int = 8):
+    """log q(y|x) = Σ_i log q(y_i | x, y_<i) for each (prompt, response) pair, and |y|, in float32.
+
+    Each row is left-padded as a whole, so every response ends at the last column and only the last
+    max|y| + 1 positions' logits are computed.
+    """
+    import torch
+
+    from dpkd.losses import sequence_logps
+
+    device = next(model.parameters()).device
+    sums, lengths = [], []
+    with torch.inference_mode():
+        for start in range(0, len(prompt_ids), batch_size):
+            prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+            ids, mask = left_pad([p + r for p, r in zip(prompts, responses)], pad_token_id)
+            width = max(len(r) for r in responses)
+            labels = torch.full((len(responses), width), -100, dtype=torch.long)
+            for row, r in enumerate(responses):
+                labels[row, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            logits = _forward(model, ids.to(device), mask.to(device), width + 1)[:, :-1]
+            total, count = sequence_logps(logits.float(), labels.to(device))
+            sums.append(total.float().cpu())
+            lengths.append(count.cpu())
+    return torch.cat(sums), torch.cat(lengths)
+
+
+def first_token_reverse_kl(student, teacher, prompt_ids: Sequence[list[int]], *, pad_token_id: int,
+                           batch_size: int = 8) -> float:
+    """Mean over prompts of KL(q || p) = Σ_v q(v|x) [log q(v|x) − log p(v|x)] at the first response token.
+
+    q is the student, p the teacher; float32 log-softmax. When the two models pad their vocabularies to
+    different sizes, both distributions are taken over the shared leading ids.
+    """
+    import torch
+
+    device = next(student.parameters()).device
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(prompt_ids), batch_size):
+            ids, mask = left_pad(prompt_ids[start:start + batch_size], pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            q_logits = _forward(student, ids, mask, 1)[:, -1].float()
+            p_logits = _forward(teacher, ids, mask, 1)[:, -1].float()
+            vocab = min(q_logits.shape[-1], p_logits.shape[-1])
+            log_q = torch.log_softmax(q_logits[:, :vocab], dim=-1)
+            log_p = torch.log_softmax(p_logits[:, :vocab], dim=-1)
+            total += (log_q.exp() * (log_q - log_p)).sum().item()
+    return total / len(prompt_ids)
+
+
+def implicit_rewards(student, teacher, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+                     beta: float, max_prompt_length: int | None, batch_size: int) -> dict[str, float]:
+    """Mean implicit reward r̂ = β·[log q(y|x) − log p(y|x)] over the pairs, and its per-token form r̂/|y|.
+
+    y is the saved response text re-encoded and ended with EOS (the form training scores).
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_ids = [_encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
+    log_q, n = response_logps(student, prompt_ids, response_ids, pad_token_id=pad, batch_size=batch_size)
+    log_p, _ = response_logps(teacher, prompt_ids, response_ids, pad_token_id=pad, batch_size=batch_size)
+    reward = beta * (log_q - log_p)
+    return {"reward": reward.mean().item(), "reward_per_token": (reward / n).mean().item()}
+
+
+def _encode_prompt(tokenizer, prompt: str, max_prompt_length: int | None) -> list[int]:
+    # The same truncation `generate_texts` applies: keep the end, where "### Response:" is.
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids[-max_prompt_length:] if max_prompt_length else ids
+
+
+def check_shared_vocabulary(student_dir: Path, teacher_dir: Path):
+    """Load both tokenizers and insist they map the same strings to the same ids."""
+    from transformers import AutoTokenizer
+
+    student_tok = AutoTokenizer.from_pretrained(student_dir)
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise EvaluationError(
+            f"--teacher: {teacher_dir} and --model {student_dir} do not share a vocabulary "
+            f"({len(teacher_tok)} vs {len(student_tok)} tokens); log q/p needs the same token ids"
+        )
+    return student_tok
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation run
+
+
+def _load_model(path: Path, device: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
+    return model.to(device).eval()
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    *,
+    data: Sequence[str] = DEFAULT_SETS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    out_dir: str | Path | None = None,
+    teacher_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    sampling: SamplingConfig | None = None,
+    max_prompt_length: int | None = 256,
+    beta: float = 0.1,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> dict:
+    """Generate on each evaluation set with each seed, score, and write `metrics.json`; returns its content.
+
+    `out_dir` defaults to `<model_dir>/eval`. Per set: per-seed exact match and ROUGE-L, their breakdown
+    by reference length, and mean/std over seeds. With `teacher_dir`: the teacher's outputs too (same
+    seeds), the mean implicit reward β·log q/p of student and teacher outputs (summed over response tokens
+    and per token), and the reverse KL KL(q||p) on the first response token.
+    The evaluated checkpoint is exactly `model_dir`: no checkpoint selection happens here.
+    """
+    # Everything that can be wrong with the arguments is found before a model is loaded.
+    model_dir = check_model_dir(model_dir)
+    teacher_dir = check_model_dir(teacher_dir, "--teacher") if teacher_dir is not None else None
+    sources = check_data_sources(list(data))
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise EvaluationError("--seeds: no seed given")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--limit: expected a positive number of examples, got {limit}")
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size: expected at least 1, got {batch_size}")
+    if beta <= 0:
+        raise EvaluationError(f"--beta: expected β > 0, got {beta}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise EvaluationError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    sampling = sampling or SamplingConfig()
+    out_dir = Path(out_dir) if out_dir is not None else model_dir / "eval"
+    datasets = {set_name(s): load_instruction_data(s, data_dir=data_dir, limit=limit) for s in sources}
+    for name, dataset in datasets.items():
+        if len(dataset) == 0:
+            raise EvaluationError(f"--data: evaluation set {name!r} has no examples")
+
+    import torch
+    from transformers import AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if teacher_dir is not None:
+        tokenizer = check_shared_vocabulary(model_dir, teacher_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = _load_model(model_dir, device, dtype)
+    teacher = _load_model(teacher_dir, device, dtype) if teacher_dir is not None else None
+
+    def file_settings(path: Path, seed: int) -> dict:
+        return {"model": str(path.resolve()), "model_fingerprint": model_fingerprint(path), "seed": seed,
+                "sampling": asdict(sampling), "batch_size": batch_size, "max_prompt_length": max_prompt_length,
+                "dtype": dtype, "device_type": torch.device(device).type}
+
+    generation = dict(sampling=sampling, batch_size=batch_size, max_prompt_length=max_prompt_length)
+    results: dict[str, dict] = {}
+    for name, dataset in datasets.items():
+        references = [list(r) for r in dataset["references"]]
+        per_seed: dict[str, dict] = {}
+        for seed in seeds:
+            path = out_dir / "predictions" / name / f"seed{seed}.jsonl"
+            predictions = generate_predictions(model, tokenizer, dataset, path, file_settings(model_dir, seed),
+                                               seed=seed, progress_label=f"{name} seed {seed}", **generation)
+            scores: dict = {**compute_metrics(predictions, references),
+                            "by_reference_length": metrics_by_reference_length(predictions, references)}
+            if teacher is not None:
+                teacher_path = out_dir / "teacher_predictions" / name / f"seed{seed}.jsonl"
+                teacher_predictions = generate_predictions(
+                    teacher, tokenizer, dataset, teacher_path, file_settings(teacher_dir, seed), seed=seed,
+                    progress_label=f"{name} seed {seed} (teacher)", **generation)
+                scores["teacher"] = compute_metrics(teacher_predictions, references)
+                reward_args = dict(beta=beta, max_prompt_length=max_prompt_length, batch_size=batch_size)
+                scores["implicit_reward"] = {
+                    "student_outputs": implicit_rewards(model, teacher, tokenizer, dataset["prompt"],
+                                                        predictions, **reward_args),
+                    "teacher_outputs": implicit_rewards(model, teacher, tokenizer, dataset["prompt"],
+                                                        teacher_predictions, **reward_args),
+                }
+            per_seed[str(seed)] = scores
+        results[name] = {"n_examples": len(dataset), "per_seed": per_seed,
+                         "summary": summarize_seeds(list(per_seed.values()))}
+        if teacher is not None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            prompt_ids = [_encode_prompt(tokenizer, p, max_prompt_length) for p in dataset["prompt"]]
+            results[name]["reverse_kl_first_token"] = first_token_reverse_kl(
+                model, teacher, prompt_ids, pad_token_id=pad, batch_size=batch_size)
+
+    metrics = {
+        "model": str(model_dir.resolve()),
+        "teacher": str(teacher_dir.resolve()) if teacher_dir is not None else None,
+        "settings": {"data": sources, "seeds": seeds, "limit": limit, "sampling": asdict(sampling),
+                     "batch_size": batch_size, "max_prompt_length": max_prompt_length, "beta": beta,
+                     "dtype": dtype, "device": device, "std": "population (ddof=0) over seeds",
+                     "length_buckets_words": [name for name, _, _ in LENGTH_BUCKETS]},
+        "sets": results,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _print_summary(metrics: dict, out_dir: Path) -> None:
+    for name, result in metrics["sets"].items():
+        s = result["summary"]
+        line = (f"{name:>10}  n={result['n_examples']:<5} ROUGE-L {s['rougeL']['mean']:6.2f} ± {s['rougeL']['std']:.2f}"
+                f"   EM {s['exact_match']['mean']:6.2f} ± {s['exact_match']['std']:.2f}")
+        if "reverse_kl_first_token" in result:
+            line += f"   KL(q||p)@1 {result['reverse_kl_first_token']:.4f}"
+        print(line)
+    print(f"wrote {out_dir / 'metrics.json'}")
+
+
+def eval_from_cli(args: argparse.Namespace) -> int:
+    """`dpkd eval`: check the arguments, run `evaluate_model`, print the summary."""
+    try:
+        seeds = parse_seeds(args.seeds)
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        out_dir = Path(args.out) if args.out else Path(args.model) / "eval"
+        metrics = evaluate_model(
+            args.model, data=args.data.split(","), seeds=seeds, out_dir=out_dir, teacher_dir=args.teacher,
+            data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, sampling=sampling,
+            max_prompt_length=args.max_prompt_length, beta=args.beta, device=args.device, dtype=args.dtype,
+        )
+    except (EvaluationError, DataError) as err:
+        print(f"dpkd eval: error: {err}", file=sys.stderr)
+        return 2
+    _print_summary(metrics, out_dir)
+    return 0
+
+
+def report_from_cli(args: argparse.Namespace) -> int:
+    """`dpkd report`: see `dpkd.report.write_report`."""
+    from dpkd.report import write_report
+
+    try:
+        path = write_report(args.runs, args.out)
+    except EvaluationError as err:
+        print(f"dpkd report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

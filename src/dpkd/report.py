@@ -1,0 +1,253 @@
+"""`dpkd report`: a markdown table of methods × evaluation sets and PNG charts, from run directories.
+
+A run directory is a training `output_dir`: `dpkd_run.json` ({"method": ...}; the directory name stands in
+when it is absent), `trainer_state.json` (transformers' `log_history`) and `eval/metrics.json` (written by
+`dpkd eval`). A teacher directory evaluated with `dpkd eval` is a run too: it becomes the teacher row when a
+student run names it as its teacher, or when its `dpkd_run.json` says `"method": "teacher"`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpkd.evaluation import BUNDLED_SETS, LENGTH_BUCKETS, EvaluationError
+
+SET_TITLES = {"dolly": "DollyEval", "selfinst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI",
+              "dolly-dev": "Dolly dev"}
+METHOD_TITLES = {"sft": "SFT", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM", "dpkd": "DPKD"}
+# The paper's row order; other methods follow in the order given.
+METHOD_ORDER = ("teacher", "sft", "kd", "seqkd", "minillm", "dpkd")
+CURVES = (("loss", "training loss"), ("rewards/margins", "reward margin"),
+          ("rewards/accuracies", "preference accuracy"))
+
+
+@dataclass
+class Run:
+    path: Path
+    method: str
+    label: str
+    metrics: dict
+    log_history: list[dict] = field(default_factory=list)
+    teacher_path: Path | None = None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EvaluationError(f"{path}: not valid JSON ({err})") from err
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read one run directory; a clear error when it or its evaluation results are missing."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise EvaluationError(f"run directory {str(path)!r} does not exist")
+    metrics_path = path / "eval" / "metrics.json"
+    if not metrics_path.is_file():
+        raise EvaluationError(f"run directory {str(path)!r} has no eval/metrics.json: "
+                              f"run `dpkd eval --model {path}` first")
+    metrics = _read_json(metrics_path)
+    if not isinstance(metrics.get("sets"), dict):
+        raise EvaluationError(f"{metrics_path}: no 'sets' field; was it written by `dpkd eval`?")
+    run_info = _read_json(path / "dpkd_run.json") if (path / "dpkd_run.json").is_file() else {}
+    method = str(run_info.get("method") or path.name)
+    state_path = path / "trainer_state.json"
+    log_history = _read_json(state_path).get("log_history", []) if state_path.is_file() else []
+    teacher = run_info.get("teacher")
+    return Run(path=path, method=method, label=METHOD_TITLES.get(method.lower(), method), metrics=metrics,
+               log_history=log_history, teacher_path=Path(teacher).resolve() if teacher else None)
+
+
+def _order_runs(runs: list[Run]) -> list[Run]:
+    """Teachers first, then the paper's method order, then the rest as given; labels made unique."""
+    named_teachers = {r.teacher_path for r in runs if r.teacher_path is not None}
+    for r in runs:
+        if r.path.resolve() in named_teachers or r.method.lower() == "teacher":
+            r.method, r.label = "teacher", f"Teacher ({r.path.name})"
+
+    def rank(r: Run) -> int:
+        m = r.method.lower()
+        return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+
+    ordered = sorted(runs, key=rank)
+    labels = [r.label for r in ordered]
+    for r in ordered:
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} ({r.path.name})"
+    return ordered
+
+
+def _set_names(runs: list[Run]) -> list[str]:
+    seen = [name for r in runs for name in r.metrics["sets"]]
+    return [s for s in BUNDLED_SETS if s in seen] + sorted({s for s in seen if s not in BUNDLED_SETS})
+
+
+def _mean_std(summary: dict | None) -> str:
+    if not summary or summary.get("mean") is None:
+        return "–"
+    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def _metric_table(runs: list[Run], sets: list[str], metric: str) -> list[str]:
+    rows = []
+    for r in runs:
+        summaries = [r.metrics["sets"].get(s, {}).get("summary", {}) for s in sets]
+        rows.append([r.label, *(_mean_std(s.get(metric)) for s in summaries)])
+    return _table(["Method", *(SET_TITLES.get(s, s) for s in sets)], rows)
+
+
+def _length_tables(runs: list[Run], sets: list[str]) -> list[str]:
+    lines = []
+    buckets = [name for name, _, _ in LENGTH_BUCKETS]
+    for s in sets:
+        rows = []
+        for r in runs:
+            by_length = r.metrics["sets"].get(s, {}).get("summary", {}).get("by_reference_length")
+            if by_length:
+                rows.append([r.label, *(_mean_std(by_length[b]["exact_match"]) for b in buckets),
+                             *(_mean_std(by_length[b]["rougeL"]) for b in buckets)])
+        if rows:
+            counts = next(r.metrics["sets"][s]["summary"]["by_reference_length"] for r in runs
+                          if s in r.metrics["sets"])
+            n = ", ".join(f"{b}: {int(counts[b]['n']['mean'])}" for b in buckets)
+            lines += [f"**{SET_TITLES.get(s, s)}** (examples per bucket: {n})", ""]
+            lines += _table(["Method", *(f"EM {b}" for b in buckets), *(f"ROUGE-L {b}" for b in buckets)], rows)
+    return lines
+
+
+def _teacher_table(runs: list[Run], sets: list[str]) -> list[str]:
+    rows = []
+    for r in runs:
+        for s in sets:
+            result = r.metrics["sets"].get(s, {})
+            reward = result.get("summary", {}).get("implicit_reward")
+            if reward:
+                rows.append([r.label, SET_TITLES.get(s, s),
+                             _mean_std(reward["student_outputs"]["reward"]),
+                             _mean_std(reward["teacher_outputs"]["reward"]),
+                             _mean_std(reward["student_outputs"]["reward_per_token"]),
+                             _mean_std(reward["teacher_outputs"]["reward_per_token"]),
+                             f"{result['reverse_kl_first_token']:.4f}"])
+    if not rows:
+        return []
+    return ["## Implicit reward and reverse KL (the paper's Table 3)", "",
+            "r̂ = β·log q(y|x)/p(y|x), mean over examples; per token: r̂/|y|. KL(q‖p) on the first response token.",
+            "", *_table(["Method", "Set", "r̂ student outputs", "r̂ teacher outputs", "r̂/|y| student",
+                         "r̂/|y| teacher", "KL(q‖p)"], rows)]
+
+
+def _training_table(runs: list[Run]) -> list[str]:
+    rows = []
+    for r in runs:
+        if not r.log_history:
+            continue
+        last = {}
+        for entry in r.log_history:
+            last.update({k: entry[k] for k, _ in CURVES if k in entry})
+        step = max((e.get("step", 0) for e in r.log_history), default=0)
+        rows.append([r.label, str(step), *(f"{last[k]:.4f}" if k in last else "–" for k, _ in CURVES)])
+    if not rows:
+        return []
+    return ["## Training (last logged values)", "",
+            *_table(["Method", "steps", *(title for _, title in CURVES)], rows)]
+
+
+def plot_rouge(runs: list[Run], sets: list[str], path: Path) -> Path:
+    """Grouped bars: ROUGE-L per evaluation set, one bar per method, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sets) + 0.4 * len(runs)), 4.5))
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        means, stds = [], []
+        for s in sets:
+            summary = r.metrics["sets"].get(s, {}).get("summary", {}).get("rougeL") or {}
+            means.append(summary.get("mean") or 0.0)
+            stds.append(summary.get("std") or 0.0)
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(sets))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=r.label)
+    ax.set_xticks(range(len(sets)), [SET_TITLES.get(s, s) for s in sets])
+    ax.set_ylabel("ROUGE-L (mean ± std over seeds)")
+    ax.set_title("ROUGE-L by method and evaluation set")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(runs: list[Run], path: Path) -> Path | None:
+    """One panel per logged quantity (loss, reward margin, preference accuracy) against the step.
+
+    A quantity no run logged gets no panel; with none at all, no file is written and None returned.
+    """
+    panels = [(key, title) for key, title in CURVES if any(key in e for r in runs for e in r.log_history)]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for r in runs:
+            points = [(e["step"], e[key]) for e in r.log_history if key in e and "step" in e]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=r.label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Write `report.md`, `rougeL.png` and (when runs logged training) `training_curves.png`; return report.md.
+
+    Every run directory is read and checked before anything is written.
+    """
+    if not run_dirs:
+        raise EvaluationError("report: no run directory given")
+    runs = _order_runs([load_run(d) for d in run_dirs])
+    sets = _set_names(runs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rouge_png = plot_rouge(runs, sets, out_dir / "rougeL.png")
+    curves_png = plot_training_curves(runs, out_dir / "training_curves.png")
+
+    seeds = sorted({len(r.metrics.get("settings", {}).get("seeds", [])) for r in runs})
+    lines = ["# Evaluation report", "",
+             f"Mean ± standard deviation over {'/'.join(map(str, seeds))} sampling seeds; "
+             "metrics as in MiniLLM (ROUGE-L F1 with stemming, exact match after normalisation), × 100.", "",
+             "| Method | run directory | examples per set |", "|---|---|---|",
+             *(f"| {r.label} | `{r.path}` | "
+               + ", ".join(f"{SET_TITLES.get(s, s)}: {v['n_examples']}" for s, v in r.metrics["sets"].items())
+               + " |" for r in runs), "",
+             "## ROUGE-L", "", *_metric_table(runs, sets, "rougeL"),
+             "## Exact match", "", *_metric_table(runs, sets, "exact_match"),
+             "## By reference length (words), as the paper's Tables 4–5", "", *_length_tables(runs, sets),
+             *_teacher_table(runs, sets), *_training_table(runs),
+             "## Charts", "", f"![ROUGE-L per method and set]({rouge_png.name})", ""]
+    if curves_png is not None:
+        lines += [f"![Training curves]({curves_png.name})", ""]
+    else:
+        lines += ["No run logged training curves.", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,152 @@
+"""`dpkd eval` end to end on the tiny models: files, metrics, resuming, teacher diagnostics, bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dpkd.evaluation as evaluation
+from dpkd.cli import main
+from dpkd.data import load_instruction_data
+from dpkd.evaluation import EvaluationError, compute_metrics, evaluate_model
+from dpkd.generation import SamplingConfig
+
+SETS = ("dolly", "selfinst", "vicuna", "sinst")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_eval_cli_writes_predictions_and_consistent_metrics_for_each_bundled_set(
+        student_dir, shared_data_dir, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "dpkd", "eval", "--model", str(student_dir), "--data", ",".join(SETS),
+           "--data-dir", str(shared_data_dir), "--seeds", "10,20", "--limit", "5", "--max-new-tokens", "4",
+           "--max-prompt-length", "48", "--batch-size", "5", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ROUGE-L" in done.stdout
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["seeds"] == [10, 20]
+    assert metrics["settings"]["sampling"] == {"max_new_tokens": 4, "do_sample": True, "temperature": 1.0,
+                                               "top_k": 0, "top_p": 1.0}
+    for name in SETS:
+        dataset = load_instruction_data(name, data_dir=shared_data_dir, limit=5)
+        result = metrics["sets"][name]
+        assert result["n_examples"] == 5
+        per_seed_predictions = []
+        for seed in ("10", "20"):
+            records = read_jsonl(out / "predictions" / name / f"seed{seed}.jsonl")
+            assert [r["index"] for r in records] == list(range(5))
+            assert [r["prompt"] for r in records] == dataset["prompt"]
+            assert [r["references"] for r in records] == dataset["references"]
+            predictions = [r["prediction"] for r in records]
+            per_seed_predictions.append(predictions)
+            recomputed = compute_metrics(predictions, [r["references"] for r in records])
+            scores = result["per_seed"][seed]
+            for key in ("exact_match", "rougeL"):
+                assert 0.0 <= scores[key] <= 100.0
+                assert scores[key] == pytest.approx(recomputed[key])
+            assert sum(b["n"] for b in scores["by_reference_length"].values()) == 5
+        assert per_seed_predictions[0] != per_seed_predictions[1]  # the seed reaches the sampler
+        values = [result["per_seed"][s]["rougeL"] for s in ("10", "20")]
+        assert result["summary"]["rougeL"]["mean"] == pytest.approx(sum(values) / 2)
+        assert result["summary"]["rougeL"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2)
+        settings = json.loads((out / "predictions" / name / "seed10.settings.json").read_text())
+        assert settings["seed"] == 10 and settings["batch_size"] == 5
+
+
+class CountingGenerate:
+    """Wraps `generate_texts` to count the prompts it is asked to complete."""
+
+    def __init__(self):
+        self.prompts = 0
+
+    def __call__(self, model, tokenizer, prompts, *args, **kwargs):
+        self.prompts += len(prompts)
+        return CountingGenerate.real(model, tokenizer, prompts, *args, **kwargs)
+
+
+CountingGenerate.real = staticmethod(evaluation.generate_texts)
+
+
+def test_rerun_after_losing_half_the_predictions_generates_only_the_missing_half(
+        student_dir, shared_data_dir, tmp_path, monkeypatch):
+    counter = CountingGenerate()
+    monkeypatch.setattr(evaluation, "generate_texts", counter)
+    args = dict(data=["dolly"], seeds=[7], data_dir=shared_data_dir, limit=7, batch_size=2,
+                sampling=SamplingConfig(max_new_tokens=4), max_prompt_length=32)
+    full = evaluate_model(student_dir, out_dir=tmp_path / "a", **args)
+    assert counter.prompts == 7
+    path = tmp_path / "a" / "predictions" / "dolly" / "seed7.jsonl"
+    complete = path.read_text(encoding="utf-8")
+
+    lines = complete.splitlines(keepends=True)
+    path.write_text("".join(lines[:3]), encoding="utf-8")  # batches [0, 2) whole, [2, 4) cut
+    counter.prompts = 0
+    resumed = evaluate_model(student_dir, out_dir=tmp_path / "a", **args)
+    assert counter.prompts == 5  # the cut batch is redone from its start, index 2
+    assert path.read_text(encoding="utf-8") == complete
+    assert resumed["sets"] == full["sets"]
+
+    # A write interrupted in the middle of a line.
+    path.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2], encoding="utf-8")
+    counter.prompts = 0
+    evaluate_model(student_dir, out_dir=tmp_path / "a", **args)
+    assert counter.prompts == 3 and path.read_text(encoding="utf-8") == complete
+
+    counter.prompts = 0
+    evaluate_model(student_dir, out_dir=tmp_path / "a", **args)
+    assert counter.prompts == 0  # complete: nothing to redo
+
+
+def test_rerun_with_other_settings_is_refused(student_dir, shared_data_dir, tmp_path):
+    args = dict(data=["vicuna"], seeds=[1], data_dir=shared_data_dir, limit=2, max_prompt_length=32,
+                out_dir=tmp_path)
+    evaluate_model(student_dir, sampling=SamplingConfig(max_new_tokens=3), **args)
+    with pytest.raises(EvaluationError, match=r"seed1.jsonl: predictions made with other settings \(differ in: sampling\)"):
+        evaluate_model(student_dir, sampling=SamplingConfig(max_new_tokens=5), **args)
+
+
+def test_teacher_diagnostics_are_reported_per_seed_with_a_first_token_kl(
+        student_dir, teacher_dir, shared_data_dir, tmp_path):
+    metrics = evaluate_model(student_dir, teacher_dir=teacher_dir, data=["vicuna"], seeds=[1, 2],
+                             data_dir=shared_data_dir, limit=3, batch_size=3,
+                             sampling=SamplingConfig(max_new_tokens=4), max_prompt_length=32, out_dir=tmp_path)
+    result = metrics["sets"]["vicuna"]
+    for seed in ("1", "2"):
+        teacher_records = read_jsonl(tmp_path / "teacher_predictions" / "vicuna" / f"seed{seed}.jsonl")
+        assert len(teacher_records) == 3
+        scores = result["per_seed"][seed]
+        assert scores["teacher"] == pytest.approx(compute_metrics(
+            [r["prediction"] for r in teacher_records], [r["references"] for r in teacher_records]))
+        for outputs in ("student_outputs", "teacher_outputs"):
+            assert math.isfinite(scores["implicit_reward"][outputs]["reward"])
+            assert math.isfinite(scores["implicit_reward"][outputs]["reward_per_token"])
+    assert result["reverse_kl_first_token"] > 0
+    assert metrics["teacher"] == str(Path(teacher_dir).resolve())
+
+
+def _fail_if_loaded(*args, **kwargs):
+    raise AssertionError("a model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--model", "/no/such/model"], "--model: model directory '/no/such/model' does not exist"),
+    (["--data", "dolly,nosuchset"], "--data: unknown evaluation set 'nosuchset'"),
+    (["--seeds", "10,x"], "--seeds: 'x' is not an integer"),
+    (["--teacher", "/no/teacher"], "--teacher: model directory '/no/teacher' does not exist"),
+    (["--limit", "0"], "--limit: expected a positive number"),
+])
+def test_bad_eval_arguments_fail_clearly_before_loading_a_model(
+        argv_tail, message, student_dir, shared_data_dir, monkeypatch, capsys):
+    monkeypatch.setattr(evaluation, "_load_model", _fail_if_loaded)
+    argv = ["eval", "--model", str(student_dir), "--data-dir", str(shared_data_dir), *argv_tail]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""Scoring completions: layout of the scoring batch and log-probs against a float64 full-forward reference."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpkd.generation import (
+    SamplingConfig,
+    build_scoring_batch,
+    completion_logps,
+    completion_mask,
+    left_pad,
+    sample_completions,
+    score_sequences,
+)
+
+PROMPTS = [[11, 12, 13, 14, 15], [21, 22], [31, 32, 33]]
+
+
+def _completions(eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded completions, the second stopping at an EOS with padding after it."""
+    ids = torch.tensor([[40, 41, 42, 43, 44], [50, eos, eos, eos, eos], [60, 61, 62, 63, eos]])
+    return ids, completion_mask(ids, eos)
+
+
+def _reference_logps(model, prompts, completion_ids, completion_mask_) -> list[float]:
+    """Each sequence alone (no padding) through a float64 copy; sum of log softmax at the completion tokens."""
+    model64 = AutoModelForCausalLM.from_config(model.config).double().eval()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    totals = []
+    for prompt, ids, mask in zip(prompts, completion_ids.tolist(), completion_mask_.tolist()):
+        completion = [t for t, m in zip(ids, mask) if m]
+        sequence = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logps = torch.log_softmax(model64(sequence).logits[0], dim=-1)
+        totals.append(sum(logps[len(prompt) - 1 + i, token].item() for i, token in enumerate(completion)))
+    return totals
+
+
+def test_scoring_batch_lays_out_prompt_then_completion_with_positions_from_the_mask():
+    prompt_ids, prompt_mask = left_pad([[1, 2, 3], [4]], pad_token_id=0)
+    completion_ids = torch.tensor([[5, 6], [7, 0]])
+    batch = build_scoring_batch(prompt_ids, prompt_mask, completion_ids, torch.tensor([[1, 1], [1, 0]]))
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 5, 6], [0, 0, 4, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 0]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4]
+    assert batch["position_ids"][1, 2:4].tolist() == [0, 1]  # the real tokens count from 0
+    assert batch["labels"].tolist() == [[-100, -100, -100, 5, 6], [-100, -100, -100, 7, -100]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_score_sequences_equals_float64_full_forward_reference(model_pairs, tokenizer, arch):
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs[arch][0])
+    prompt_ids, prompt_mask = left_pad(PROMPTS, tokenizer.pad_token_id)
+    completion_ids, mask = _completions(tokenizer.eos_token_id)
+    logps, n_tokens = score_sequences(teacher, build_scoring_batch(prompt_ids, prompt_mask, completion_ids, mask))
+    reference = _reference_logps(teacher, PROMPTS, completion_ids, mask)
+    assert logps.dtype == torch.float32
+    assert n_tokens.tolist() == [5, 2, 5]
+    torch.testing.assert_close(logps.double(), torch.tensor(reference, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padding_does_not_change_log_probs(model_pairs, tokenizer, arch):
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs[arch][0])
+    completion_ids, mask = _completions(tokenizer.eos_token_id)
+    batched = score_sequences(teacher, build_scoring_batch(*left_pad(PROMPTS, tokenizer.pad_token_id), completion_ids, mask))[0]
+    for row, prompt in enumerate(PROMPTS):
+        alone = score_sequences(teacher, build_scoring_batch(
+            torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+            completion_ids[row:row + 1, : int(mask[row].sum())], mask[row:row + 1, : int(mask[row].sum())],
+        ))[0]
+        torch.testing.assert_close(batched[row], alone[0], rtol=0, atol=1e-5)
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands for a DDP/DeepSpeed-style wrapper: not a PreTrainedModel, forwards keyword arguments."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_wrapped_and_lora_models_score_like_the_plain_model(model_pairs, tokenizer):
+    from dpkd.modeling import apply_lora
+
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs["llama"][0]).eval()
+    completion_ids, mask = _completions(tokenizer.eos_token_id)
+    batch = build_scoring_batch(*left_pad(PROMPTS, tokenizer.pad_token_id), completion_ids, mask)
+    plain = score_sequences(teacher, batch)[0]
+    wrapped = score_sequences(_Wrapper(teacher).eval(), batch)[0]
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=1e-5)
+    lora = apply_lora(AutoModelForCausalLM.from_pretrained(model_pairs["llama"][0]))  # LoRA B starts at zero
+    torch.testing.assert_close(score_sequences(lora, batch)[0], plain, rtol=0, atol=1e-5)
+
+
+def test_only_completion_positions_reach_the_lm_head(model_pairs, tokenizer):
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs["gpt2"][0])
+    completion_ids, mask = _completions(tokenizer.eos_token_id)
+    batch = build_scoring_batch(*left_pad(PROMPTS, tokenizer.pad_token_id), completion_ids, mask)
+    rows_projected = []
+    handle = teacher.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: rows_projected.append(args[0].shape[:-1].numel()))
+    try:
+        score_sequences(teacher, batch, chunk_size=4)
+    finally:
+        handle.remove()
+    assert sum(rows_projected) == int(mask.sum())  # 12 of the batch's 3 x 10 positions
+    assert max(rows_projected) <= 4
+
+
+def test_score_sequences_is_inference_mode_and_restores_training_mode(model_pairs, tokenizer):
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs["llama"][0]).train()
+    completion_ids, mask = _completions(tokenizer.eos_token_id)
+    logps, _ = score_sequences(teacher, build_scoring_batch(*left_pad(PROMPTS, tokenizer.pad_token_id), completion_ids, mask))
+    assert logps.is_inference() and teacher.training
+
+
+def test_completion_logps_gradient_matches_dense_autograd(model_pairs, tokenizer):
+    student = AutoModelForCausalLM.from_pretrained(model_pairs["gpt2"][1]).eval()
+    completion_ids, mask = _completions(tokenizer.eos_token_id)
+    batch = build_scoring_batch(*left_pad(PROMPTS, tokenizer.pad_token_id), completion_ids, mask)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+
+    (completion_logps(student, batch, chunk_size=3)[0] * weights).sum().backward()
+    chunked = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    logits = student(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    token_logps = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ((token_logps * valid).sum(1) * weights).sum().backward()
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(chunked[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sampled_completions_score_consistently_with_generation(model_pairs, tokenizer):
+    """Scoring what `generate` sampled uses the same positions: greedy tokens are each position's argmax."""
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs["llama"][0])
+    prompt_ids, prompt_mask = left_pad(PROMPTS, tokenizer.pad_token_id)
+    completion_ids, mask = sample_completions(teacher, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=6, do_sample=False),
+                                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    batch = build_scoring_batch(prompt_ids, prompt_mask, completion_ids, mask)
+    with torch.no_grad():
+        logits = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    width = prompt_ids.shape[1]
+    argmax = logits[:, width - 1:-1].argmax(-1)
+    assert torch.equal(argmax[mask.bool()], completion_ids[mask.bool()])
