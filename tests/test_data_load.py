@@ -13,6 +13,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
+import dpkd.data
 from dpkd.data import DataError, load_instruction_data
 
 # The two Alpaca templates of MiniLLM/DPKD, written out here independently of the module's constants.
@@ -202,6 +203,31 @@ def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch, shared_data_
     assert len(load_instruction_data("vicuna")) == 3
 
 
+def test_data_dir_is_found_beside_a_parent_of_the_current_directory(tmp_path, monkeypatch, shared_data_dir):
+    """The CI layout: the repository cloned somewhere, a copy of shared/ beside it, run from inside."""
+    data = tmp_path / "shared" / "data" / "minillm_eval"
+    (data / "vicuna").mkdir(parents=True)
+    write_jsonl(data / "vicuna/valid.jsonl", read_jsonl(shared_data_dir / "vicuna/valid.jsonl")[:2])
+    (tmp_path / "clone" / "tests").mkdir(parents=True)
+    monkeypatch.setattr(dpkd.data, "__file__", str(tmp_path / "x/elsewhere/site/dpkd/data.py"))
+    monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path / "clone" / "tests")
+    assert len(load_instruction_data("vicuna")) == 2
+
+
+def test_missing_data_dir_says_where_it_looked_and_how_to_set_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(dpkd.data, "__file__", str(tmp_path / "repo/src/dpkd/data.py"))
+    monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    message = error_message("dolly")
+    assert "cannot find bundled evaluation set 'dolly': looked in" in message
+    assert str(tmp_path / "shared" / "data" / "minillm_eval") in message
+    assert str(tmp_path / "repo" / "shared" / "data" / "minillm_eval") in message
+    assert "DPKD_DATA_DIR" in message and "--data-dir" in message
+    monkeypatch.setenv("DPKD_DATA_DIR", str(tmp_path / "nowhere"))
+    assert f"$DPKD_DATA_DIR={str(tmp_path / 'nowhere')!r} is not a directory" in error_message("dolly")
+
+
 def test_min_response_words_and_limit(shared_data_dir):
     raw = read_jsonl(shared_data_dir / "dolly/valid.jsonl")
     long_enough = [row["output"] for row in raw if len(row["output"].split()) > 10]
@@ -285,10 +311,29 @@ def test_template_without_instruction_placeholder_is_rejected_before_reading(tmp
     assert "unknown placeholder(s) question" in error_message(DOLLY_ROWS, template="{instruction} {question}")
 
 
+def test_unknown_template_name_is_rejected():
+    message = error_message(DOLLY_ROWS, template="alpacca")
+    assert "template 'alpacca' has no {instruction} placeholder and is not one of auto, alpaca, chat, none" in message
+
+
+def test_chat_template_without_a_tokenizer_is_rejected_before_reading(tmp_path):
+    assert "template='chat': the chat template needs a tokenizer" in \
+        error_message(tmp_path / "never-read.jsonl", template="chat")
+
+
+def test_csv_with_byte_order_mark_and_short_rows(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_text("\ufeffinstruction,context,response\nName a color.,,Blue is a color.\nSum it.,2\n",
+                    encoding="utf-8")
+    assert f"{path}, line 3: field 'response' is missing" in error_message(path)
+
+
 def test_template_without_input_placeholder_refuses_to_drop_an_input(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
-    assert f"{path}, line 2: field 'input' is not empty but the template has no {{input}}" in \
+    assert f"{path}, line 2: field 'context' is not empty but the template has no {{input}}" in \
         error_message(path, template="Q: {instruction}\nA:")
+    assert "data_format 'sharegpt': expected one of dolly, alpaca, prompt_completion, messages" in \
+        error_message(path, data_format="sharegpt")
 
 
 def test_unknown_bundled_name_lists_the_known_ones():
@@ -300,6 +345,18 @@ def test_missing_bundled_set_says_where_it_looked_and_how_to_set_it(tmp_path):
     message = error_message("sinst", data_dir=tmp_path)
     assert f"{tmp_path / 'sinst/11_/valid.jsonl'} does not exist" in message
     assert "DPKD_DATA_DIR" in message and "--data-dir" in message
+
+
+def test_hub_id_that_cannot_be_loaded_offline_says_what_was_tried():
+    message = error_message("nobody/no-such-set")
+    assert "nobody/no-such-set: not a file, directory or bundled set" in message
+    assert "datasets.load_dataset failed" in message
+
+
+def test_dataset_dict_split_is_chosen_or_asked_for():
+    splits = DatasetDict({"valid": Dataset.from_list(DOLLY_ROWS[:1]), "test": Dataset.from_list(DOLLY_ROWS)})
+    assert "several splits (valid, test); choose one with split=" in error_message(splits)
+    assert load_instruction_data(splits, split="test")["prompt"] == [NO_INPUT, WITH_INPUT]
 
 
 def test_missing_file_is_reported(tmp_path):

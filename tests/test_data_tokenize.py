@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpkd.data import DataError, DistillationCollator, load_instruction_data, tokenize_dataset
+from dpkd.data import DataError, DistillationCollator, encode_prompt, load_instruction_data, tokenize_dataset
 from dpkd.modeling import tiny_config
 
 
@@ -134,6 +134,12 @@ def test_bos_of_the_tokenizer_goes_once_before_the_prompt_and_survives_left_trun
     assert ds["prompt_input_ids"][2] == [bos, *tok("word " * 50, add_special_tokens=False)["input_ids"][-9:]]
     assert stats.left_truncated_prompts == 1
     assert all(ids[0] != bos for ids in ds["completion_input_ids"])
+    assert encode_prompt(tok, "Name a color.\n") == [bos, *bare]  # what generation code should use
+
+
+def test_encode_prompt_adds_nothing_for_a_tokenizer_without_bos(tokenizer):
+    text = "Name a color.\n"
+    assert encode_prompt(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_labels_are_unshifted_as_transformers_models_expect(tokenizer):
@@ -189,5 +195,7 @@ def test_tokenize_dataset_rejects_bad_options_and_data(tokenizer):
         tokenize_dataset(small_set(), tokenizer, max_prompt_length=512, max_length=512)
     with pytest.raises(DataError, match="all 3 prompts are longer than max_prompt_length=1 tokens"):
         tokenize_dataset(small_set(), tokenizer, max_prompt_length=1)
+    with pytest.raises(DataError, match="the dataset has no examples to tokenise"):
+        tokenize_dataset(Dataset.from_dict({"prompt": [], "completion": []}), tokenizer)
     with pytest.raises(DataError, match="dataset lacks column\\(s\\) completion"):
         tokenize_dataset(Dataset.from_dict({"prompt": ["x"]}), tokenizer)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from dpkd.cli import main
 from dpkd.data import load_instruction_data
 from dpkd.evaluation import EvaluationError, compute_metrics, evaluate_model
 from dpkd.generation import SamplingConfig
+from dpkd.modeling import train_bpe_tokenizer
 
 SETS = ("dolly", "selfinst", "vicuna", "sinst")
 
@@ -106,12 +108,27 @@ def test_rerun_after_losing_half_the_predictions_generates_only_the_missing_half
     assert counter.prompts == 0  # complete: nothing to redo
 
 
-def test_rerun_with_other_settings_is_refused(student_dir, shared_data_dir, tmp_path):
-    args = dict(data=["vicuna"], seeds=[1], data_dir=shared_data_dir, limit=2, max_prompt_length=32,
+def test_predictions_made_otherwise_are_refused_not_overwritten(student_dir, shared_data_dir, tmp_path):
+    args = dict(data=["vicuna"], seeds=[1], data_dir=shared_data_dir, batch_size=2, max_prompt_length=32,
                 out_dir=tmp_path)
-    evaluate_model(student_dir, sampling=SamplingConfig(max_new_tokens=3), **args)
+    evaluate_model(student_dir, limit=4, sampling=SamplingConfig(max_new_tokens=3), **args)
+    path = tmp_path / "predictions" / "vicuna" / "seed1.jsonl"
+    complete = path.read_text(encoding="utf-8")
+
     with pytest.raises(EvaluationError, match=r"seed1.jsonl: predictions made with other settings \(differ in: sampling\)"):
-        evaluate_model(student_dir, sampling=SamplingConfig(max_new_tokens=5), **args)
+        evaluate_model(student_dir, limit=4, sampling=SamplingConfig(max_new_tokens=5), **args)
+    # --limit 3 would redo the batch [2, 4) as [2, 3): a whole batch of work, so it is refused.
+    with pytest.raises(EvaluationError, match="holds 4 predictions laid out for another --limit"):
+        evaluate_model(student_dir, limit=3, sampling=SamplingConfig(max_new_tokens=3), **args)
+    # --limit 2 is a prefix of whole batches: reused as it is.
+    evaluate_model(student_dir, limit=2, sampling=SamplingConfig(max_new_tokens=3), **args)
+    assert path.read_text(encoding="utf-8") == complete
+
+    records = read_jsonl(path)
+    records[1]["prompt"] = "another prompt"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:3]), encoding="utf-8")
+    with pytest.raises(EvaluationError, match="line 2 was generated for another prompt"):
+        evaluate_model(student_dir, limit=4, sampling=SamplingConfig(max_new_tokens=3), **args)
 
 
 def test_teacher_diagnostics_are_reported_per_seed_with_a_first_token_kl(
@@ -143,6 +160,7 @@ def _fail_if_loaded(*args, **kwargs):
     (["--seeds", "10,x"], "--seeds: 'x' is not an integer"),
     (["--teacher", "/no/teacher"], "--teacher: model directory '/no/teacher' does not exist"),
     (["--limit", "0"], "--limit: expected a positive number"),
+    (["--temperature", "0"], "--temperature: expected > 0"),
 ])
 def test_bad_eval_arguments_fail_clearly_before_loading_a_model(
         argv_tail, message, student_dir, shared_data_dir, monkeypatch, capsys):
@@ -150,3 +168,16 @@ def test_bad_eval_arguments_fail_clearly_before_loading_a_model(
     argv = ["eval", "--model", str(student_dir), "--data-dir", str(shared_data_dir), *argv_tail]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_teacher_with_another_vocabulary_is_refused_before_loading(
+        student_dir, teacher_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "other-teacher"
+    other.mkdir()
+    shutil.copy(teacher_dir / "config.json", other / "config.json")
+    train_bpe_tokenizer(["a completely different corpus", "with few words"], vocab_size=300).save_pretrained(other)
+    monkeypatch.setattr(evaluation, "_load_model", _fail_if_loaded)
+    argv = ["eval", "--model", str(student_dir), "--teacher", str(other), "--data", "vicuna",
+            "--data-dir", str(shared_data_dir), "--limit", "1"]
+    assert main(argv) == 2
+    assert f"--teacher: {other} and --model {student_dir} do not share a vocabulary" in capsys.readouterr().err

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from conftest import load_model
 from dpkd.evaluation import first_token_reverse_kl, implicit_rewards, response_logps
 
 PROMPTS = ["Sort the list: 3, 1, 2.", "one", "Reverse the word house and then tell me why it matters"]
@@ -19,7 +19,7 @@ def reference_logp(model, prompt_ids, response_ids) -> float:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_left_padded_batches_score_like_single_unpadded_sequences(arch, model_pairs, tokenizer):
-    model = load_model(model_pairs[arch][1])
+    model = AutoModelForCausalLM.from_pretrained(model_pairs[arch][1])
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     response_ids = [tokenizer(r)["input_ids"] + [tokenizer.eos_token_id] for r in RESPONSES]
     sums, lengths = response_logps(model, prompt_ids, response_ids, pad_token_id=tokenizer.pad_token_id,
@@ -31,7 +31,7 @@ def test_left_padded_batches_score_like_single_unpadded_sequences(arch, model_pa
 
 def test_implicit_reward_is_beta_times_log_ratio_and_per_token_divides_by_length(
         teacher_dir, student_dir, tokenizer):
-    student, teacher = load_model(student_dir), load_model(teacher_dir)
+    student, teacher = AutoModelForCausalLM.from_pretrained(student_dir), AutoModelForCausalLM.from_pretrained(teacher_dir)
     beta = 0.5
     got = implicit_rewards(student, teacher, tokenizer, PROMPTS, RESPONSES, beta=beta, max_prompt_length=4,
                            batch_size=2)
@@ -48,7 +48,7 @@ def test_implicit_reward_is_beta_times_log_ratio_and_per_token_divides_by_length
 
 def test_first_token_reverse_kl_matches_float64_formula_and_vanishes_for_one_model(
         teacher_dir, student_dir, tokenizer):
-    student, teacher = load_model(student_dir), load_model(teacher_dir)
+    student, teacher = AutoModelForCausalLM.from_pretrained(student_dir), AutoModelForCausalLM.from_pretrained(teacher_dir)
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     expected = 0.0
     with torch.no_grad():

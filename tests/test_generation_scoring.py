@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from dpkd.generation import (
@@ -97,19 +99,31 @@ def test_wrapped_and_lora_models_score_like_the_plain_model(model_pairs, tokeniz
     torch.testing.assert_close(score_sequences(lora, batch)[0], plain, rtol=0, atol=1e-5)
 
 
-def test_only_completion_positions_reach_the_lm_head(model_pairs, tokenizer):
-    teacher = AutoModelForCausalLM.from_pretrained(model_pairs["gpt2"][0])
+class _VocabSizedTensors(TorchDispatchMode):
+    """Records the number of rows of every tensor an op produces whose last dimension is the vocabulary."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.rows = vocab_size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.shape[-1] == self.vocab_size:
+                self.rows.append(tensor.numel() // self.vocab_size)
+        return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_no_vocabulary_sized_tensor_beyond_one_chunk_of_completion_tokens(model_pairs, tokenizer, arch):
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs[arch][0])
     completion_ids, mask = _completions(tokenizer.eos_token_id)
     batch = build_scoring_batch(*left_pad(PROMPTS, tokenizer.pad_token_id), completion_ids, mask)
-    rows_projected = []
-    handle = teacher.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: rows_projected.append(args[0].shape[:-1].numel()))
-    try:
+    recorder = _VocabSizedTensors(teacher.config.vocab_size)
+    with recorder:
         score_sequences(teacher, batch, chunk_size=4)
-    finally:
-        handle.remove()
-    assert sum(rows_projected) == int(mask.sum())  # 12 of the batch's 3 x 10 positions
-    assert max(rows_projected) <= 4
+    assert recorder.rows, "the LM head was never applied"
+    assert max(recorder.rows) <= 4  # a full forward would build 3 x 10 rows
 
 
 def test_score_sequences_is_inference_mode_and_restores_training_mode(model_pairs, tokenizer):

@@ -41,17 +41,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="directory of the model to evaluate")
     p.add_argument("--teacher", default=None, help="teacher directory, for implicit rewards and reverse KL")
     p.add_argument("--data", default="dolly,selfinst,vicuna,sinst",
-                   help="comma-separated bundled set names or file paths")
+                   help="comma-separated bundled set names (dolly, selfinst, vicuna, sinst, dolly-dev) or data files")
     p.add_argument("--data-dir", default=None, help="folder holding the bundled evaluation sets")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     p.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each set")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per generation batch; part of what a resumed predictions file must match")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length cap (default: 256)")
+    p.add_argument("--max-prompt-length", type=int, default=256,
+                   help="longer prompts keep their last tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 is off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 is off (default)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward β·log q/p")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -67,12 +69,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables and charts from training and evaluation runs")
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+",
+                   help="run directories: training output dirs (or a teacher's dir) evaluated by `dpkd eval`")
     p.add_argument("--out", required=True, help="folder for report.md and the PNG charts")
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from dpkd.evaluation import report_from_cli
+    from dpkd.report import report_from_cli
 
     return report_from_cli(args)
 

@@ -55,6 +55,7 @@ ALPACA_TEMPLATE_WITH_INPUT = (
     "### Input:\n{input}\n\n### Response:\n"
 )
 TEMPLATE_NAMES = ("auto", "alpaca", "chat", "none")
+DATA_FORMATS = ("dolly", "alpaca", "prompt_completion", "messages")
 
 # Bundled evaluation sets (MiniLLM's processed JSONL), relative to the data directory.
 BUNDLED_SETS = {
@@ -76,12 +77,13 @@ _FORMAT_HELP = ("instruction+response[+context] (Dolly), instruction+output[+inp
 # Finding the data
 
 
-def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+def find_data_dir(data_dir: str | os.PathLike | None = None, *, wanted: str = "the bundled evaluation data"
+                  ) -> Path:
     """The folder holding the bundled evaluation sets.
 
     Order: the `data_dir` argument, else `$DPKD_DATA_DIR`, else the first existing
     `shared/data/minillm_eval` beside or inside the repository this file belongs to, or beside or inside
-    the current directory or one of its parents.
+    the current directory or one of its parents. `wanted` names what is sought in the error message.
     """
     if data_dir is not None:
         path = Path(data_dir).expanduser()
@@ -96,7 +98,9 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     for candidate in _default_data_dirs():
         if candidate.is_dir():
             return candidate
-    raise DataError(_missing_data_dir_message())
+    looked = ", ".join(str(p) for p in _default_data_dirs())
+    raise DataError(f"cannot find {wanted}: looked in {looked}. Pass data_dir= (CLI: --data-dir) or set "
+                    f"${DATA_DIR_ENV} to the folder that holds {', '.join(sorted(set(BUNDLED_SETS.values())))}")
 
 
 def _default_data_dirs() -> list[Path]:
@@ -111,25 +115,12 @@ def _default_data_dirs() -> list[Path]:
     return seen
 
 
-def _missing_data_dir_message(name: str | None = None) -> str:
-    looked = ", ".join(str(p) for p in _default_data_dirs())
-    what = f"bundled evaluation set {name!r}" if name else "the bundled evaluation data"
-    return (f"cannot find {what}: looked in {looked}. Pass data_dir= (CLI: --data-dir) or set "
-            f"${DATA_DIR_ENV} to the folder that holds {', '.join(sorted(set(BUNDLED_SETS.values())))}")
-
-
 def bundled_set_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The JSONL file of a bundled evaluation set (`dolly`, `selfinst`, `vicuna`, `sinst`, `dolly-dev`)."""
     if name not in BUNDLED_SETS:
         raise DataError(f"unknown bundled data set {name!r}; known: {', '.join(BUNDLED_SETS)} "
                         "(or pass a file or directory path)")
-    try:
-        root = find_data_dir(data_dir)
-    except DataError as err:
-        if data_dir is None and not os.environ.get(DATA_DIR_ENV):
-            raise DataError(_missing_data_dir_message(name)) from None
-        raise err
-    path = root / BUNDLED_SETS[name]
+    path = find_data_dir(data_dir, wanted=f"bundled evaluation set {name!r}") / BUNDLED_SETS[name]
     if not path.is_file():
         raise DataError(f"bundled evaluation set {name!r} not found: {path} does not exist. Pass data_dir= "
                         f"(CLI: --data-dir) or set ${DATA_DIR_ENV} to the folder that holds {BUNDLED_SETS[name]}")
@@ -141,7 +132,7 @@ def bundled_set_path(name: str, data_dir: str | os.PathLike | None = None) -> Pa
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -153,7 +144,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -174,11 +165,12 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         for record in reader:
-            # Short rows give None for the missing cells: treat those fields as absent.
-            yield f"{path}, line {reader.line_num}", {k: v for k, v in record.items() if v is not None}
+            # Short rows give None for the missing cells: treat those fields as absent; drop surplus cells.
+            yield f"{path}, line {reader.line_num}", {k: v for k, v in record.items()
+                                                       if k is not None and v is not None}
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -244,7 +236,7 @@ def _sources(source: Any, *, data_dir: str | os.PathLike | None, split: str | No
             yield str(file), _READERS[file.suffix.lower()](file)
         return
     text = str(source)
-    if path.suffix.lower() in _READERS or text.startswith((".", "/", "~")):
+    if not isinstance(source, str) or path.suffix.lower() in _READERS or text.startswith((".", "/", "~")):
         raise DataError(f"{text}: no such file or directory")
     if "/" not in text:
         raise DataError(f"unknown bundled data set {text!r}; known: {', '.join(BUNDLED_SETS)} "
@@ -297,7 +289,8 @@ def _apply_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> s
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _render(template: str, instruction: str, input_text: str, tokenizer: Any, where: str) -> str:
+def _render(template: str, instruction: str, input_text: str, tokenizer: Any, where: str,
+            input_field: str = "input") -> str:
     """The prompt for one instruction (+ input) under a resolved template (not "auto")."""
     if template == "alpaca":
         if input_text:
@@ -309,8 +302,8 @@ def _render(template: str, instruction: str, input_text: str, tokenizer: Any, wh
     if template == "chat":
         return _apply_chat(tokenizer, [{"role": "user", "content": plain}], where)
     if input_text and "{input}" not in template:
-        raise DataError(f"{where}: field 'input' is not empty but the template has no {{input}} placeholder, "
-                        "so the input would be lost")
+        raise DataError(f"{where}: field {input_field!r} is not empty but the template has no {{input}} "
+                        "placeholder, so it would be lost")
     return template.format(instruction=instruction, input=input_text)
 
 
@@ -404,6 +397,7 @@ def _normalise(record: Any, data_format: str, template: str, tokenizer: Any, whe
                 prompt = _render(template, prompt, "", tokenizer, where)
         return prompt, references[0], references
 
+    input_field = "context" if data_format == "dolly" else "input"
     if data_format == "dolly":
         instruction = _string(record, "instruction", where)
         input_text = _string(record, "context", where, required=False)
@@ -415,12 +409,12 @@ def _normalise(record: Any, data_format: str, template: str, tokenizer: Any, whe
         references = _references(record, "output", where)
         stored_prompt = _string(record, "prompt", where, required=False) or None
     else:
-        raise DataError(f"data_format {data_format!r}: expected one of dolly, alpaca, prompt_completion, messages")
+        raise DataError(f"data_format {data_format!r}: expected one of {', '.join(DATA_FORMATS)}")
     if template == "auto":
         if stored_prompt is not None:
             return stored_prompt, references[0], references
         template = "alpaca"
-    return _render(template, instruction, input_text, tokenizer, where), references[0], references
+    return _render(template, instruction, input_text, tokenizer, where, input_field), references[0], references
 
 
 def load_instruction_data(
@@ -453,6 +447,10 @@ def load_instruction_data(
     of a `DatasetDict` or `load_dataset` source (default: the only one, else `train`).
     """
     _check_template(template)
+    if template == "chat":
+        _check_chat_tokenizer(tokenizer, "template='chat'")
+    if data_format is not None and data_format not in DATA_FORMATS:
+        raise DataError(f"data_format {data_format!r}: expected one of {', '.join(DATA_FORMATS)}")
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
     prompts: list[str] = []
@@ -518,10 +516,13 @@ def encode_prompt(tokenizer: Any, prompt: str, prefix: Sequence[int] | None = No
     at evaluation.
     """
     prefix = special_prefix(tokenizer) if prefix is None else list(prefix)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return _with_prefix(tokenizer(prompt, add_special_tokens=False)["input_ids"], prefix)
+
+
+def _with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
     if prefix and ids[:len(prefix)] != prefix:  # chat templates often write BOS as text already
-        ids = prefix + ids
-    return ids
+        return prefix + list(ids)
+    return list(ids)
 
 
 def tokenize_dataset(
@@ -554,6 +555,8 @@ def tokenize_dataset(
     if missing:
         raise DataError(f"dataset lacks column(s) {', '.join(sorted(missing))}; columns: "
                         f"{', '.join(dataset.column_names)} (use load_instruction_data)")
+    if len(dataset) == 0:
+        raise DataError("the dataset has no examples to tokenise")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token")
@@ -561,7 +564,7 @@ def tokenize_dataset(
     if len(prefix) >= max_prompt_length:
         raise DataError(f"max_prompt_length={max_prompt_length} leaves no room after the special prefix {prefix}")
     prompts, completions = list(dataset["prompt"]), list(dataset["completion"])
-    prompt_ids = [encode_prompt(tokenizer, text, prefix) for text in prompts]
+    prompt_ids = [_with_prefix(ids, prefix) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
 
     stats = TokenizationStats(total=len(prompts))
@@ -589,11 +592,13 @@ def tokenize_dataset(
     log("tokenised %d examples: kept %d, dropped %d prompts longer than %d tokens, left-truncated %d prompts, "
         "cut %d completions to fit %d tokens", stats.total, stats.kept, stats.dropped_long_prompts,
         max_prompt_length, stats.left_truncated_prompts, stats.truncated_completions, max_length)
-    if stats.total and not kept:
+    if not kept:
         raise DataError(f"all {stats.total} prompts are longer than max_prompt_length={max_prompt_length} tokens; "
                         "raise it or use prompt_truncation='left'")
-    columns = {name: [column[i] for i in kept] for name in dataset.column_names
-               for column in [list(dataset[name])]}
+    columns: dict[str, list[Any]] = {}
+    for name in dataset.column_names:
+        values = list(dataset[name])
+        columns[name] = [values[i] for i in kept]
     columns["prompt_input_ids"] = kept_prompt_ids
     columns["completion_input_ids"] = kept_completion_ids
     return Dataset.from_dict(columns), stats

@@ -2,7 +2,8 @@
 
 `compute_metrics` is the metric; `evaluate_model` (behind `dpkd eval`) generates on the evaluation sets,
 keeps resumable predictions files, and writes `metrics.json`; with a teacher it adds the paper's Table 3
-diagnostics (implicit reward and reverse KL on the first response token). Reports live in `dpkd.report`.
+diagnostics (implicit reward and reverse KL on the first response token). Tables and charts over several
+runs are `dpkd.report`'s.
 
 Output layout of `evaluate_model(model, out_dir=OUT)`:
 
@@ -15,7 +16,7 @@ Output layout of `evaluate_model(model, out_dir=OUT)`:
 from __future__ import annotations
 
 import argparse
-import hashlib
+import inspect
 import json
 import logging
 import math
@@ -26,9 +27,18 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from dpkd.data import BUNDLED_SETS as _BUNDLED_SET_FILES
 from dpkd.data import DataError, load_instruction_data
-from dpkd.generation import SamplingConfig, generate_texts, left_pad
+from dpkd.generation import (
+    SamplingConfig,
+    build_scoring_batch,
+    generate_texts,
+    left_pad,
+    model_fingerprint,
+    score_sequences,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,24 +181,6 @@ def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
     return path
 
 
-def model_fingerprint(path: Path) -> str:
-    """A cheap identity of a saved model: its config and, per weights file, its size and first/last MiB.
-
-    Training changes every tensor, so a retrained model at the same path gets a new fingerprint without
-    hashing gigabytes of weights.
-    """
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    chunk = 1 << 20
-    for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
-        size = weights.stat().st_size
-        digest.update(f"{weights.name}:{size}".encode())
-        with weights.open("rb") as f:
-            digest.update(f.read(chunk))
-            f.seek(max(size - chunk, 0))
-            digest.update(f.read(chunk))
-    return digest.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------------------------------
 # Resumable predictions files
 
@@ -199,9 +191,12 @@ def _read_records(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 break
+            if not isinstance(record, dict):
+                break
+            records.append(record)
     return records
 
 
@@ -263,8 +258,10 @@ def generate_predictions(
             raise EvaluationError(f"{path}: exists without {settings_path.name}, so what produced it is "
                                   "unknown; delete the file or pass another --out")
         saved = json.loads(settings_path.read_text())
-        if saved != settings:
-            differing = sorted(k for k in set(settings) | set(saved) if saved.get(k) != settings.get(k))
+        # The model path is informative only: the fingerprint identifies the model.
+        differing = sorted(k for k in set(settings) | set(saved)
+                           if k != "model" and saved.get(k) != settings.get(k))
+        if differing:
             raise EvaluationError(
                 f"{path}: predictions made with other settings (differ in: {', '.join(differing)}); "
                 "delete the file or pass another --out"
@@ -304,8 +301,6 @@ def generate_predictions(
 
 
 def _forward(model, input_ids, attention_mask, logits_to_keep: int):
-    import inspect
-
     # Left padding: positions must count real tokens only, or padded rows see shifted positions.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -318,27 +313,24 @@ def response_logps(model, prompt_ids: Sequence[list[int]], response_ids: Sequenc
                    pad_token_id: int, batch_size: int = 8):
     """log q(y|x) = Σ_i log q(y_i | x, y_<i) for each (prompt, response) pair, and |y|, in float32.
 
-    Each row is left-padded as a whole, so every response ends at the last column and only the last
-    max|y| + 1 positions' logits are computed.
+    Left-padded prompts, right-padded responses, scored by `dpkd.generation.score_sequences` (inference
+    mode, positions from the attention mask, only the response positions projected to the vocabulary).
     """
-    import torch
-
-    from dpkd.losses import sequence_logps
-
     device = next(model.parameters()).device
     sums, lengths = [], []
-    with torch.inference_mode():
-        for start in range(0, len(prompt_ids), batch_size):
-            prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
-            ids, mask = left_pad([p + r for p, r in zip(prompts, responses)], pad_token_id)
-            width = max(len(r) for r in responses)
-            labels = torch.full((len(responses), width), -100, dtype=torch.long)
-            for row, r in enumerate(responses):
-                labels[row, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            logits = _forward(model, ids.to(device), mask.to(device), width + 1)[:, :-1]
-            total, count = sequence_logps(logits.float(), labels.to(device))
-            sums.append(total.float().cpu())
-            lengths.append(count.cpu())
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, responses = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+        prompt_ids_, prompt_mask = left_pad(prompts, pad_token_id)
+        width = max(len(r) for r in responses)
+        response_ids_ = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+        for row, r in enumerate(responses):
+            response_ids_[row, :len(r)] = torch.tensor(r, dtype=torch.long)
+            response_mask[row, :len(r)] = 1
+        batch = build_scoring_batch(prompt_ids_, prompt_mask, response_ids_, response_mask)
+        total, count = score_sequences(model, {k: v.to(device) for k, v in batch.items()})
+        sums.append(total.float().cpu())
+        lengths.append(count.cpu())
     return torch.cat(sums), torch.cat(lengths)
 
 
@@ -349,8 +341,6 @@ def first_token_reverse_kl(student, teacher, prompt_ids: Sequence[list[int]], *,
     q is the student, p the teacher; float32 log-softmax. When the two models pad their vocabularies to
     different sizes, both distributions are taken over the shared leading ids.
     """
-    import torch
-
     device = next(student.parameters()).device
     total = 0.0
     with torch.inference_mode():
@@ -406,8 +396,19 @@ def check_shared_vocabulary(student_dir: Path, teacher_dir: Path):
 # The evaluation run
 
 
+def _check_sampling(sampling: SamplingConfig) -> None:
+    if sampling.max_new_tokens < 1:
+        raise EvaluationError(f"--max-new-tokens: expected at least 1, got {sampling.max_new_tokens}")
+    if sampling.do_sample:
+        if sampling.temperature <= 0:
+            raise EvaluationError(f"--temperature: expected > 0 (or --greedy), got {sampling.temperature}")
+        if sampling.top_k < 0:
+            raise EvaluationError(f"--top-k: expected >= 0 (0 is off), got {sampling.top_k}")
+        if not 0 < sampling.top_p <= 1:
+            raise EvaluationError(f"--top-p: expected a value in (0, 1], got {sampling.top_p}")
+
+
 def _load_model(path: Path, device: str, dtype: str):
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
@@ -454,13 +455,13 @@ def evaluate_model(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise EvaluationError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     sampling = sampling or SamplingConfig()
+    _check_sampling(sampling)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / "eval"
     datasets = {set_name(s): load_instruction_data(s, data_dir=data_dir, limit=limit) for s in sources}
     for name, dataset in datasets.items():
         if len(dataset) == 0:
             raise EvaluationError(f"--data: evaluation set {name!r} has no examples")
 
-    import torch
     from transformers import AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -471,8 +472,14 @@ def evaluate_model(
     model = _load_model(model_dir, device, dtype)
     teacher = _load_model(teacher_dir, device, dtype) if teacher_dir is not None else None
 
+    # The models are identified by a hash of their weights, so a moved run directory still resumes and a
+    # model retrained in place does not.
+    fingerprints = {model_dir: model_fingerprint(model)}
+    if teacher is not None:
+        fingerprints[teacher_dir] = model_fingerprint(teacher)
+
     def file_settings(path: Path, seed: int) -> dict:
-        return {"model": str(path.resolve()), "model_fingerprint": model_fingerprint(path), "seed": seed,
+        return {"model": str(path.resolve()), "model_fingerprint": fingerprints[path], "seed": seed,
                 "sampling": asdict(sampling), "batch_size": batch_size, "max_prompt_length": max_prompt_length,
                 "dtype": dtype, "device_type": torch.device(device).type}
 
@@ -536,6 +543,12 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
 
 def eval_from_cli(args: argparse.Namespace) -> int:
     """`dpkd eval`: check the arguments, run `evaluate_model`, print the summary."""
+    # Resume notices go to the terminal; other libraries' loggers keep their own levels.
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("dpkd eval: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         seeds = parse_seeds(args.seeds)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
@@ -550,17 +563,4 @@ def eval_from_cli(args: argparse.Namespace) -> int:
         print(f"dpkd eval: error: {err}", file=sys.stderr)
         return 2
     _print_summary(metrics, out_dir)
-    return 0
-
-
-def report_from_cli(args: argparse.Namespace) -> int:
-    """`dpkd report`: see `dpkd.report.write_report`."""
-    from dpkd.report import write_report
-
-    try:
-        path = write_report(args.runs, args.out)
-    except EvaluationError as err:
-        print(f"dpkd report: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
     return 0

@@ -275,8 +275,10 @@ def model_fingerprint(model) -> str:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.5
         DTensor = ()  # noqa: N806
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise ValueError("model_fingerprint: the model is sharded (FSDP); compute the fingerprint before preparing it")
+    # FSDP2 holds DTensor shards; DeepSpeed ZeRO-3 leaves empty placeholders that carry `ds_numel`.
+    if any(isinstance(p, DTensor) or hasattr(p, "ds_numel") for p in model.parameters()):
+        raise ValueError("model_fingerprint: the model is sharded (FSDP or ZeRO-3); compute the fingerprint on "
+                         "the whole model, before preparing it")
     digest = hashlib.sha256()
     config = model.config.to_dict()
     for field in _CONFIG_FIELDS_NOT_FINGERPRINTED:
@@ -510,7 +512,7 @@ def teacher_outputs(
     prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_input_ids.cpu(), prompt_attention_mask.cpu())]
     found = [cache.get(prompt, epoch) for prompt in prompts]
     missing = [row for row, entry in enumerate(found) if entry is None]
-    must_generate = _any_rank(bool(missing), device) if synced_gpus else bool(missing)
+    must_generate = bool(missing)
     if must_generate:
         rows = missing or [0]
         ids, mask = _drop_padding_columns(prompt_input_ids[rows], prompt_attention_mask[rows])

@@ -329,13 +329,38 @@ def prepare_teacher(teacher: PreTrainedModel, accelerator):
         engine.eval()
         return engine
     if accelerator.distributed_type == DistributedType.FSDP and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-        if not isinstance(teacher, FSDPModule):
+        if isinstance(teacher, FSDPModule):
+            return teacher
+        if any(p.is_meta for p in teacher.parameters()):
+            raise ValueError(
+                "prepare_teacher: the teacher has weights on the meta device (fsdp_cpu_ram_efficient_loading "
+                "loads real weights on rank 0 only); set fsdp_cpu_ram_efficient_loading: false in the "
+                "accelerate config"
+            )
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        plugin = accelerator.state.fsdp_plugin
+        options = {"reshard_after_forward": plugin.reshard_after_forward,
+                   "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+                   "offload_policy": plugin.cpu_offload}
+        if not isinstance(plugin.cpu_offload, CPUOffloadPolicy):
             teacher.to(accelerator.device)
-            _, blocks = _block_list(teacher)
-            for block in blocks:
-                fully_shard(block)
-            fully_shard(teacher)
-        return teacher
+        return shard_with_fsdp2(teacher, **options)
     return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
+def shard_with_fsdp2(model: PreTrainedModel, **fully_shard_options) -> PreTrainedModel:
+    """Shard a model across the default process group with FSDP2: each transformer block, then the root.
+
+    Block by block, as accelerate shards the student: a forward then gathers one block at a time, so a
+    rank never holds more than its shard plus one whole block. Keywords go to `fully_shard`.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    _, blocks = _block_list(model)
+    for block in blocks:
+        fully_shard(block, **fully_shard_options)
+    fully_shard(model, **fully_shard_options)
+    return model

@@ -8,12 +8,13 @@ student run names it as its teacher, or when its `dpkd_run.json` says `"method":
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpkd.evaluation import BUNDLED_SETS, LENGTH_BUCKETS, EvaluationError
-
+# Only the standard library and matplotlib: a report needs no torch.
 SET_TITLES = {"dolly": "DollyEval", "selfinst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI",
               "dolly-dev": "Dolly dev"}
 METHOD_TITLES = {"sft": "SFT", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM", "dpkd": "DPKD"}
@@ -21,6 +22,10 @@ METHOD_TITLES = {"sft": "SFT", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM
 METHOD_ORDER = ("teacher", "sft", "kd", "seqkd", "minillm", "dpkd")
 CURVES = (("loss", "training loss"), ("rewards/margins", "reward margin"),
           ("rewards/accuracies", "preference accuracy"))
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on: the message names it and what is missing."""
 
 
 @dataclass
@@ -37,21 +42,21 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise EvaluationError(f"{path}: not valid JSON ({err})") from err
+        raise ReportError(f"{path}: not valid JSON ({err})") from err
 
 
 def load_run(run_dir: str | Path) -> Run:
     """Read one run directory; a clear error when it or its evaluation results are missing."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise EvaluationError(f"run directory {str(path)!r} does not exist")
+        raise ReportError(f"run directory {str(path)!r} does not exist")
     metrics_path = path / "eval" / "metrics.json"
     if not metrics_path.is_file():
-        raise EvaluationError(f"run directory {str(path)!r} has no eval/metrics.json: "
+        raise ReportError(f"run directory {str(path)!r} has no eval/metrics.json: "
                               f"run `dpkd eval --model {path}` first")
     metrics = _read_json(metrics_path)
     if not isinstance(metrics.get("sets"), dict):
-        raise EvaluationError(f"{metrics_path}: no 'sets' field; was it written by `dpkd eval`?")
+        raise ReportError(f"{metrics_path}: no 'sets' field; was it written by `dpkd eval`?")
     run_info = _read_json(path / "dpkd_run.json") if (path / "dpkd_run.json").is_file() else {}
     method = str(run_info.get("method") or path.name)
     state_path = path / "trainer_state.json"
@@ -82,13 +87,13 @@ def _order_runs(runs: list[Run]) -> list[Run]:
 
 def _set_names(runs: list[Run]) -> list[str]:
     seen = [name for r in runs for name in r.metrics["sets"]]
-    return [s for s in BUNDLED_SETS if s in seen] + sorted({s for s in seen if s not in BUNDLED_SETS})
+    return [s for s in SET_TITLES if s in seen] + sorted({s for s in seen if s not in SET_TITLES})
 
 
-def _mean_std(summary: dict | None) -> str:
+def _mean_std(summary: dict | None, spec: str = ".2f") -> str:
     if not summary or summary.get("mean") is None:
         return "–"
-    return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+    return f"{summary['mean']:{spec}} ± {summary['std']:{spec}}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -106,12 +111,12 @@ def _metric_table(runs: list[Run], sets: list[str], metric: str) -> list[str]:
 
 def _length_tables(runs: list[Run], sets: list[str]) -> list[str]:
     lines = []
-    buckets = [name for name, _, _ in LENGTH_BUCKETS]
     for s in sets:
-        rows = []
+        rows, buckets = [], []
         for r in runs:
             by_length = r.metrics["sets"].get(s, {}).get("summary", {}).get("by_reference_length")
             if by_length:
+                buckets = list(by_length)
                 rows.append([r.label, *(_mean_std(by_length[b]["exact_match"]) for b in buckets),
                              *(_mean_std(by_length[b]["rougeL"]) for b in buckets)])
         if rows:
@@ -131,17 +136,16 @@ def _teacher_table(runs: list[Run], sets: list[str]) -> list[str]:
             reward = result.get("summary", {}).get("implicit_reward")
             if reward:
                 rows.append([r.label, SET_TITLES.get(s, s),
-                             _mean_std(reward["student_outputs"]["reward"]),
-                             _mean_std(reward["teacher_outputs"]["reward"]),
-                             _mean_std(reward["student_outputs"]["reward_per_token"]),
-                             _mean_std(reward["teacher_outputs"]["reward_per_token"]),
+                             *(_mean_std(reward[outputs][key], ".4f") for key in ("reward", "reward_per_token")
+                               for outputs in ("student_outputs", "teacher_outputs")),
                              f"{result['reverse_kl_first_token']:.4f}"])
     if not rows:
         return []
     return ["## Implicit reward and reverse KL (the paper's Table 3)", "",
-            "r̂ = β·log q(y|x)/p(y|x), mean over examples; per token: r̂/|y|. KL(q‖p) on the first response token.",
-            "", *_table(["Method", "Set", "r̂ student outputs", "r̂ teacher outputs", "r̂/|y| student",
-                         "r̂/|y| teacher", "KL(q‖p)"], rows)]
+            "r̂ = β·log q(y|x)/p(y|x) summed over the response tokens, mean over examples (per token: divided "
+            "by the response length); q the student, p the teacher. KL(q‖p) on the first response token.",
+            "", *_table(["Method", "Set", "r̂ student outputs", "r̂ teacher outputs", "r̂ per token, student",
+                         "r̂ per token, teacher", "KL(q‖p)"], rows)]
 
 
 def _training_table(runs: list[Run]) -> list[str]:
@@ -176,7 +180,7 @@ def plot_rouge(runs: list[Run], sets: list[str], path: Path) -> Path:
             means.append(summary.get("mean") or 0.0)
             stds.append(summary.get("std") or 0.0)
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(sets))]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=r.label)
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=r.label, color=f"C{i}")
     ax.set_xticks(range(len(sets)), [SET_TITLES.get(s, s) for s in sets])
     ax.set_ylabel("ROUGE-L (mean ± std over seeds)")
     ax.set_title("ROUGE-L by method and evaluation set")
@@ -203,10 +207,11 @@ def plot_training_curves(runs: list[Run], path: Path) -> Path | None:
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        for r in runs:
+        for i, r in enumerate(runs):
             points = [(e["step"], e[key]) for e in r.log_history if key in e and "step" in e]
             if points:
-                ax.plot(*zip(*points), marker=".", label=r.label)
+                # The same colour per run as in the ROUGE-L chart.
+                ax.plot(*zip(*points), marker=".", label=r.label, color=f"C{i}")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -223,7 +228,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     Every run directory is read and checked before anything is written.
     """
     if not run_dirs:
-        raise EvaluationError("report: no run directory given")
+        raise ReportError("report: no run directory given")
     runs = _order_runs([load_run(d) for d in run_dirs])
     sets = _set_names(runs)
     out_dir = Path(out_dir)
@@ -251,3 +256,14 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def report_from_cli(args: argparse.Namespace) -> int:
+    """`dpkd report RUN_DIR... --out DIR`: see `write_report`."""
+    try:
+        path = write_report(args.runs, args.out)
+    except ReportError as err:
+        print(f"dpkd report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

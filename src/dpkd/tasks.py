@@ -162,33 +162,50 @@ def generate_splits(sizes: dict[str, int], seed: int = 0,
     splits: dict[str, list[Example]] = {}
     for split, size in sizes.items():
         examples: list[Example] = []
-        attempts = 0
+        misses = 0
         while len(examples) < size:
-            attempts += 1
-            if attempts > 100 * size + 1000:
-                raise ValueError(f"could not draw {size} distinct {split!r} prompts from tasks {names}")
-            example = TASKS[names[len(examples) % len(names)]](rng)
-            if example.prompt_key not in seen:
-                seen.add(example.prompt_key)
-                examples.append(example)
+            task = names[len(examples) % len(names)]
+            example = TASKS[task](rng)
+            if example.prompt_key in seen:
+                misses += 1
+                if misses > 10_000:  # this task's prompt space is (nearly) used up
+                    raise ValueError(f"could not draw {size} distinct {split!r} prompts: task {task!r} "
+                                     f"has run out of new prompts; ask for fewer examples")
+                continue
+            misses = 0
+            seen.add(example.prompt_key)
+            examples.append(example)
         splits[split] = examples
     return splits
 
 
-def write_jsonl(examples: Sequence[Example], path: str | Path) -> Path:
-    """Write examples one JSON object a line (`instruction`, `input`, `output`, `task`)."""
+def render_prompt(example: Example, template: str) -> str:
+    """The prompt under a template with `{instruction}` and `{input}` placeholders."""
+    return template.format(instruction=example.instruction, input=example.input)
+
+
+def write_jsonl(examples: Sequence[Example], path: str | Path, template: str | None = None) -> Path:
+    """Write examples one JSON object a line (`instruction`, `input`, `output`, `task`).
+
+    With `template`, each line also stores its rendered `prompt`, which `dpkd.data` uses as is (MiniLLM's
+    processed files do the same); without it, readers apply the Alpaca template.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for example in examples:
-            f.write(json.dumps(asdict(example), ensure_ascii=False) + "\n")
+            row = asdict(example)
+            if template is not None:
+                row["prompt"] = render_prompt(example, template)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)  # never leave a half-written split behind an interrupted run
     return path
 
 
-def write_splits(out_dir: str | Path, sizes: dict[str, int], seed: int = 0,
-                 tasks: Sequence[str] | None = None) -> dict[str, Path]:
+def write_splits(out_dir: str | Path, sizes: dict[str, int], seed: int = 0, tasks: Sequence[str] | None = None,
+                 template: str | None = None) -> dict[str, Path]:
     """Generate the splits and write `<out_dir>/<split>.jsonl` for each; returns the paths."""
     splits = generate_splits(sizes, seed=seed, tasks=tasks)
-    return {split: write_jsonl(examples, Path(out_dir) / f"{split}.jsonl") for split, examples in splits.items()}
+    return {split: write_jsonl(examples, Path(out_dir) / f"{split}.jsonl", template)
+            for split, examples in splits.items()}

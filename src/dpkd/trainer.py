@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from dpkd import losses
@@ -962,8 +961,6 @@ def _coerce(key: str, raw: str, annotation: Any) -> Any:
 
 def _load_models_and_data(recipe: Recipe, *, need_student: bool = True):
     """Data first (cheap, and its errors name files and lines), then tokenizers, then models."""
-    from transformers import AutoTokenizer
-
     from dpkd import data, modeling
 
     run, args = recipe.run, recipe.config
@@ -974,11 +971,14 @@ def _load_models_and_data(recipe: Recipe, *, need_student: bool = True):
     if run.get("eval_data"):
         evaluation = data.load_instruction_data(run["eval_data"], template=args.template,
                                                 data_dir=run.get("data_dir"))
-    tokenizer_source = run["student"] if need_student else run["teacher"]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=remote)
+    if need_student:
+        tokenizer = modeling.load_tokenizer(run["student"], trust_remote_code=remote)
+    else:
+        tokenizer = modeling.load_tokenizer(run["teacher"], gguf_file=run.get("teacher_gguf_file"),
+                                            trust_remote_code=remote)
     if run.get("teacher") and need_student:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(run["teacher"], gguf_file=run.get("teacher_gguf_file"),
-                                                          trust_remote_code=remote)
+        teacher_tokenizer = modeling.load_tokenizer(run["teacher"], gguf_file=run.get("teacher_gguf_file"),
+                                                    trust_remote_code=remote)
         modeling.check_tokenizers_match(teacher_tokenizer, tokenizer)
     teacher = None
     if run.get("teacher") and (args.spec.needs_teacher or not need_student):
@@ -1004,7 +1004,7 @@ def train_from_cli(config_path: str, overrides: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(config_path, overrides)
         tokenizer, student, teacher, train, evaluation, pretrain = _load_models_and_data(recipe)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad recipe, data, paths or tokenizers: before any training
         print(f"dpkd train: error: {err}", file=sys.stderr)
         return 2
     args = recipe.config
@@ -1035,7 +1035,7 @@ def teacher_generate_from_cli(config_path: str, overrides: list[str] | None = No
         if not recipe.run.get("teacher"):
             raise ValueError(f"{recipe.path}: `teacher` is required to generate teacher outputs")
         tokenizer, _, teacher, train, _, _ = _load_models_and_data(recipe, need_student=False)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"dpkd teacher-generate: error: {err}", file=sys.stderr)
         return 2
     args = recipe.config
