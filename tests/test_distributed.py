@@ -19,7 +19,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO_ROOT / "src" / "dpkd" / "configs" / "accelerate"
-LAUNCH_TIMEOUT_S = 70  # two CPU ranks importing transformers take ~25 s on an idle 2-core machine
+LAUNCH_TIMEOUT_S = 150  # two CPU ranks importing transformers take ~25 s on an idle 2-core machine
 
 TRAIN_EXAMPLES = [
     {"prompt": f"Write the number {n} in words.\n", "completion": text}
@@ -29,22 +29,39 @@ TRAIN_EXAMPLES = [
 ]
 
 
-def _launch(worker: str, args: dict, nproc: int, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run a worker of this file on `nproc` gloo ranks with torchrun; kill the whole group on timeout."""
+def _launch(worker: str, args: dict, nproc: int, tmp_path: Path) -> str:
+    """Run a worker of this file on `nproc` gloo ranks with torchrun; returns its output.
+
+    On timeout torchrun gets SIGTERM (it stops its workers, which run in sessions of their own), then
+    any worker still alive is killed through the pid it recorded, so a deadlock cannot outlive the test.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO_ROOT / "src")}
+           "PYTHONPATH": str(REPO_ROOT / "src"), "DPKD_TEST_PID_DIR": str(tmp_path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), __file__, worker, json.dumps(args)]
-    process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{worker} on {nproc} ranks did not finish in {LAUNCH_TIMEOUT_S} s (deadlock?):\n{output[-3000:]}")
+    log_path = tmp_path / f"{worker}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            for pid_file in tmp_path.glob("worker-*.pid"):
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            pytest.fail(f"{worker} on {nproc} ranks did not finish in {LAUNCH_TIMEOUT_S} s (deadlock?):\n"
+                        f"{log_path.read_text()[-3000:]}")
+    output = log_path.read_text()
     assert process.returncode == 0, f"{worker} failed:\n{output[-5000:]}"
-    return subprocess.CompletedProcess(command, process.returncode, output, None)
+    return output
 
 
 def _free_port() -> int:
@@ -222,8 +239,9 @@ def _worker_main() -> None:
     import torch.distributed as dist
 
     worker, args = sys.argv[1], json.loads(sys.argv[2])
-    result = {"train": _train, "sharded_sampling": _sharded_sampling}[worker](args)
     rank = int(os.environ.get("RANK", "0"))
+    Path(os.environ["DPKD_TEST_PID_DIR"], f"worker-{rank}.pid").write_text(str(os.getpid()))
+    result = {"train": _train, "sharded_sampling": _sharded_sampling}[worker](args)
     if "result" in args and (rank == 0 or "{rank}" in args["result"]):
         Path(args["result"].format(rank=rank)).write_text(json.dumps(result))
     if dist.is_initialized():

@@ -80,3 +80,72 @@ def test_dpkd_raises_the_students_log_prob_of_teacher_outputs_and_preference_acc
     (_, accuracy, margin), (_, control_accuracy, control_margin) = runs["dpkd"], runs["control"]
     assert accuracy > control_accuracy, (accuracy, control_accuracy)
     assert margin > control_margin + 2.0, (margin, control_margin)
+
+
+class _StopAt(TrainerCallback):
+    """Ends training after `step` optimizer steps, as a killed job would (its last checkpoint survives)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+@pytest.mark.parametrize("method, extra", [("dpkd", {"lm_coef": 0.5, "kd_ratio": 0.5}),
+                                           ("jsd", {"lmbda": 0.5})])
+def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(method, extra, model_pairs, tokenizer, tmp_path):
+    """dpkd with a pre-training term and CE (student samples, cached teacher outputs, the pre-training
+    stream), and jsd with on-policy batches (GKD's coin): everything random must continue where it was."""
+    teacher_dir, student_dir = model_pairs["llama"]
+    pretrain = load_pretrain_chunks(Dataset.from_dict({"text": make_dataset(n=40, seed=5)["completion"]}),
+                                    tokenizer, seq_length=16)
+
+    def run(out, stop_at=None, resume=None):
+        args = make_config(out, method, max_steps=4, save_steps=2, **extra)
+        trainer = DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir),
+                                      teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir), args=args,
+                                      train_dataset=make_dataset(), processing_class=tokenizer,
+                                      pretrain_dataset=pretrain if method == "dpkd" else None,
+                                      callbacks=[_StopAt(stop_at)] if stop_at else None)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    uninterrupted = run(tmp_path / "whole")
+    interrupted = run(tmp_path / "parts", stop_at=2)
+    assert interrupted.state.global_step == 2
+    resumed = run(tmp_path / "parts", resume=str(tmp_path / "parts" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    expected = parameters(uninterrupted.model)
+    assert any(not torch.equal(expected[n], p) for n, p in parameters(interrupted.model).items())
+    for name, value in parameters(resumed.model).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (uninterrupted, resumed)]
+    assert losses[1][-2:] == pytest.approx(losses[0][2:], rel=1e-5)
+
+
+def test_teacher_cache_is_reused_across_runs_and_invalidated_by_teacher_prompts_or_sampling(
+        model_pairs, tokenizer, tmp_path):
+    teacher_dir, student_dir = model_pairs["llama"]
+    cache = str(tmp_path / "cache")
+
+    def generations(name, *, teacher=None, method="dpkd", dataset=None, **overrides):
+        teacher = teacher or AutoModelForCausalLM.from_pretrained(teacher_dir)
+        trainer = _trainer(tmp_path / name, student_dir, teacher, tokenizer, method=method, dataset=dataset,
+                           teacher_cache_dir=cache, save_strategy="no", **overrides)
+        trainer.train()
+        return trainer.teacher_generations
+
+    assert generations("first") == 8  # two steps of four distinct prompts
+    assert generations("again") == 0
+    assert generations("seqkd-same-teacher", method="seqkd") == 0
+    assert generations("other-sampling", max_new_tokens=6) == 8
+    assert generations("other-top-p", top_p=0.9) == 8
+    changed = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        changed.lm_head.weight[0, 0] += 1e-3
+    assert generations("other-teacher", teacher=changed) == 8
+    assert generations("other-prompts", dataset=make_dataset(seed=1)) == 8
+    assert generations("again-at-the-end") == 0

@@ -171,9 +171,19 @@ def _check_values(recipe: DemoRecipe, where: str) -> None:
 
 
 def _training_fields(fields: dict, where: str, key: str) -> dict:
+    import dataclasses
+
+    from dpkd.trainer import DistillationConfig
+
     fixed = sorted(_FIXED_TRAINING & set(fields))
     if fixed:
         raise DemoError(f"{where}: {key}: {', '.join(fixed)} are set by the demo itself")
+    known = [f.name for f in dataclasses.fields(DistillationConfig) if f.init]
+    for name in fields:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise DemoError(f"{where}: {key}: {name!r} is not a DistillationConfig field{hint}")
     return dict(fields)
 
 
@@ -226,6 +236,20 @@ class StageMarkers:
     def mark(self, name: str, key: str, **info: Any) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"{name}.done").write_text(json.dumps({"key": key, **info}, indent=2) + "\n")
+
+
+def stage_keys(values: dict, max_positions: int) -> dict[str, str]:
+    """Each stage's key: a hash of its own settings and of the keys of the stages it reads from."""
+    v = values
+    keys = {"data": _digest({"seed": v["seed"], "data": v["data"]})}
+    keys["tokenizer"] = _digest([keys["data"], v["tokenizer"]])
+    keys["teacher"] = _digest([keys["tokenizer"], v["teacher"], max_positions])
+    keys["student_init"] = _digest([keys["tokenizer"], v["student"], v["seed"], max_positions])
+    keys["eval_teacher"] = _digest([keys["teacher"], v["eval"]])
+    for method, own in v["distill"]["methods"].items():
+        keys[f"train_{method}"] = _digest([keys["student_init"], keys["teacher"], v["distill"]["common"], own])
+        keys[f"eval_{method}"] = _digest([keys[f"train_{method}"], v["eval"]])
+    return keys
 
 
 def resolve_threads(setting: int | str) -> int:
@@ -354,34 +378,31 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, pr
     step = 0
     log(f"dpkd demo: recipe {recipe.source}; output {out}; {threads} CPU thread(s)")
 
-    def stage(name: str, key: str, title: str, work, **info) -> bool:
+    def stage(name: str, key: str, title: str, work) -> None:
         nonlocal step
         step += 1
         if markers.is_done(name, key):
             log(f"[{step}/{total}] {title}: done before, reused")
-            return False
+            return
         log(f"[{step}/{total}] {title} ...")
         t0 = time.perf_counter()
         work()
-        markers.mark(name, key, seconds=round(time.perf_counter() - t0, 1), **info)
+        markers.mark(name, key, seconds=round(time.perf_counter() - t0, 1))
         log(f"[{step}/{total}] {title}: {time.perf_counter() - t0:.0f}s")
-        return True
 
     data_dir = out / "data"
     paths = {split: data_dir / f"{split}.jsonl" for split in ("train", "dev", "test")}
-    data_key = _digest({"seed": v["seed"], "data": v["data"]})
+    # Room in the position table for the longest prompt plus answer any run produces.
+    max_positions = max(c.max_length for c in configs.values())
+    keys = stage_keys(v, max_positions)
     sizes = ", ".join(f"{split} {v['data'][split]}" for split in paths)
-    stage("data", data_key, f"generating the tasks ({sizes})", lambda: build_data(v, _fresh(data_dir)))
+    stage("data", keys["data"], f"generating the tasks ({sizes})", lambda: build_data(v, _fresh(data_dir)))
 
     tokenizer_dir = out / "tokenizer"
-    tokenizer_key = _digest([data_key, v["tokenizer"]])
-    stage("tokenizer", tokenizer_key, "training the tokenizer",
+    stage("tokenizer", keys["tokenizer"], "training the tokenizer",
           lambda: build_tokenizer(v, paths["train"], _fresh(tokenizer_dir)))
 
-    # Room for the longest prompt plus answer the runs produce.
-    max_positions = max(c.max_length for c in configs.values())
     teacher_dir = out / "teacher"
-    teacher_key = _digest([tokenizer_key, v["teacher"], max_positions])
 
     def make_teacher() -> None:
         folder = _fresh(teacher_dir)
@@ -397,39 +418,34 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, pr
         log(f"    teacher on dev, greedy: exact match {_summary(dev)['exact_match']['mean']:.1f}, "
             f"ROUGE-L {_summary(dev)['rougeL']['mean']:.1f}")
 
-    stage("teacher", teacher_key, f"training the teacher ({configs['teacher'].max_steps} steps)", make_teacher)
+    stage("teacher", keys["teacher"], f"training the teacher ({configs['teacher'].max_steps} steps)", make_teacher)
 
     init_dir = out / "student_init"
-    init_key = _digest([tokenizer_key, v["student"], v["seed"], max_positions])
+
     def make_student() -> None:
         n_params = build_initial_model(v["student"], tokenizer_dir, _fresh(init_dir), v["seed"] + 1, max_positions)
         log(f"    student: {n_params / 1e6:.2f}M parameters")
 
-    stage("student_init", init_key, "initialising the student", make_student)
+    stage("student_init", keys["student_init"], "initialising the student", make_student)
 
     run_dirs = {}
-    run_keys = {}
     for method in methods:
         args = configs[method]
         run_dir = out / "runs" / method
         run_dirs[method] = run_dir
-        run_keys[method] = _digest([init_key, teacher_key, v["distill"]["common"], v["distill"]["methods"][method]])
 
         def distil(args=args, run_dir=run_dir) -> None:
             _fresh(run_dir)
             train(args, init_dir, paths["train"], run_dir, teacher_dir=teacher_dir)
 
-        stage(f"train_{method}", run_keys[method], f"distilling with {method} ({args.max_steps} steps)", distil)
+        stage(f"train_{method}", keys[f"train_{method}"], f"distilling with {method} ({args.max_steps} steps)", distil)
 
-    eval_key = _digest(v["eval"])
     evaluated = {"teacher": teacher_dir, **run_dirs}
     for name, folder in evaluated.items():
-        key = _digest([teacher_key if name == "teacher" else run_keys[name], eval_key, paths["test"].name])
-
         def score(folder=folder) -> None:
             evaluate(folder, paths["test"], v["eval"], folder / "eval")
 
-        stage(f"eval_{name}", key, f"evaluating {name} on test ({len(v['eval']['seeds'])} seeds)", score)
+        stage(f"eval_{name}", keys[f"eval_{name}"], f"evaluating {name} on test ({len(v['eval']['seeds'])} seeds)", score)
 
     from dpkd.report import write_report
 

@@ -512,7 +512,7 @@ def teacher_outputs(
     prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_input_ids.cpu(), prompt_attention_mask.cpu())]
     found = [cache.get(prompt, epoch) for prompt in prompts]
     missing = [row for row, entry in enumerate(found) if entry is None]
-    must_generate = bool(missing)
+    must_generate = _any_rank(bool(missing), device) if synced_gpus else bool(missing)
     if must_generate:
         rows = missing or [0]
         ids, mask = _drop_padding_columns(prompt_input_ids[rows], prompt_attention_mask[rows])

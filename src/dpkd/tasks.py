@@ -55,18 +55,18 @@ def _words(items: Sequence[object]) -> str:
 
 
 def reverse_words(rng: random.Random) -> Example:
-    items = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+    items = [rng.choice(WORDS) for _ in range(rng.randint(3, 5))]
     return Example("Reverse the order of the words.", _words(items), _words(items[::-1]), "reverse")
 
 
 def sort_numbers(rng: random.Random) -> Example:
-    items = rng.sample(range(20), rng.randint(3, 5))
+    items = rng.sample(range(20), rng.randint(3, 4))
     return Example("Sort the numbers from smallest to largest.", _words(items), _words(sorted(items)), "sort")
 
 
 def deduplicate_words(rng: random.Random) -> Example:
     pool = rng.sample(WORDS, rng.randint(2, 4))
-    items = [rng.choice(pool) for _ in range(rng.randint(4, 7))]
+    items = [rng.choice(pool) for _ in range(rng.randint(4, 6))]
     unique = list(dict.fromkeys(items))
     if len(unique) == len(items):  # make sure there is something to remove
         items.insert(rng.randint(1, len(items)), items[0])
@@ -75,13 +75,13 @@ def deduplicate_words(rng: random.Random) -> Example:
 
 
 def add_to_each(rng: random.Random) -> Example:
-    step = rng.randint(1, 5)
-    items = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    step = rng.randint(1, 3)
+    items = [rng.randint(0, 9) for _ in range(rng.randint(3, 4))]
     return Example(f"Add {step} to each number.", _words(items), _words(x + step for x in items), "add")
 
 
 def look_up(rng: random.Random) -> Example:
-    names = rng.sample(NAMES, rng.randint(3, 5))
+    names = rng.sample(NAMES, rng.randint(3, 4))
     colors = [rng.choice(COLORS) for _ in names]
     asked = rng.randrange(len(names))
     table = ", ".join(f"{n}: {c}" for n, c in zip(names, colors))

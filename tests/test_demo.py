@@ -1,0 +1,210 @@
+"""`dpkd demo`: the recipe is checked up front; the quick study runs end to end, survives Ctrl-C, and a
+second invocation reuses every finished stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpkd.demo import METHODS, DemoError, StageMarkers, load_demo_recipe, stage_keys
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DPKD = [sys.executable, "-m", "dpkd"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def _bundled_text() -> str:
+    return (REPO_ROOT / "configs" / "demo.yaml").read_text()
+
+
+# --- the recipe ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", [None, "quick", "big"])
+def test_bundled_recipe_is_valid_for_every_profile(profile):
+    recipe = load_demo_recipe(None, profile)
+    assert set(recipe.values["distill"]["methods"]) == set(METHODS)
+    assert len(recipe.values["eval"]["seeds"]) == 3
+
+
+def test_quick_profile_overlays_only_what_it_names():
+    default, quick = load_demo_recipe(None), load_demo_recipe(None, "quick")
+    assert quick.values["data"]["train"] < default.values["data"]["train"]
+    assert quick.values["teacher"]["training"]["max_steps"] < default.values["teacher"]["training"]["max_steps"]
+    # Untouched keys of a partly overridden section survive the merge.
+    assert quick.values["data"]["template"] == default.values["data"]["template"]
+    assert quick.values["teacher"]["n_head"] == default.values["teacher"]["n_head"]
+    assert quick.values["eval"]["seeds"] == default.values["eval"]["seeds"]
+
+
+def test_student_is_several_times_smaller_than_teacher_in_the_default_recipe():
+    v = load_demo_recipe(None).values
+
+    def size(m: dict, vocab: int = 1000) -> int:  # embeddings, untied head, attention and MLP weights
+        d = m["d_model"]
+        return 2 * vocab * d + m["n_layer"] * (4 * d * d + 3 * d * 2 * d)
+
+    assert size(v["teacher"]) >= 3 * size(v["student"])
+
+
+def _bundled_values() -> dict:
+    import yaml
+
+    return yaml.safe_load(_bundled_text())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v["teacher"].update(depth=3), r"unknown key 'teacher\.depth'"),
+    (lambda v: v.update(distil=1), r"unknown key 'distil' \(did you mean 'distill'\?\)"),
+    (lambda v: v["distill"]["common"].update(lr_warmup=3), r"distill\.common: .*lr_warmup"),
+    (lambda v: v["distill"]["common"].update(output_dir="x"), r"distill\.common: output_dir"),
+    (lambda v: v["distill"]["methods"].update(dpkd={"beta": -1}), r"distill\.methods\.dpkd: beta"),
+    (lambda v: v["distill"]["methods"].update(minillm={}), r"distill\.methods.*minillm"),
+    (lambda v: v["eval"].update(seeds=[10, 10]), r"eval\.seeds"),
+    (lambda v: v["student"].update(n_head=5, d_model=64), r"student\.d_model must be divisible"),
+    (lambda v: v.update(threads="many"), r"threads"),
+    (lambda v: v["quick"].update(eval={"seed": [1]}), r"unknown key 'quick\.eval\.seed'"),
+    (lambda v: v.pop("student"), r"missing section\(s\) student"),
+])
+def test_bad_recipe_errors_name_the_file_and_the_key(tmp_path, edit, message):
+    import yaml
+
+    values = _bundled_values()
+    edit(values)
+    path = _write(tmp_path, yaml.safe_dump(values))
+    with pytest.raises(DemoError, match=message) as err:
+        load_demo_recipe(path)
+    assert str(path) in str(err.value)
+
+
+def test_cli_reports_a_bad_recipe_before_any_work(tmp_path):
+    import yaml
+
+    values = _bundled_values()
+    values["tokenizer"]["vocab"] = values["tokenizer"].pop("vocab_size")
+    path = _write(tmp_path, yaml.safe_dump(values))
+    out = tmp_path / "out"
+    result = subprocess.run([*DPKD, "demo", "--config", str(path), "--out", str(out)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"{path}: unknown key 'tokenizer.vocab'" in result.stderr
+    assert not out.exists()
+
+
+def test_stage_keys_change_exactly_downstream_of_an_edited_setting():
+    base = load_demo_recipe(None).values
+    keys = stage_keys(base, 160)
+
+    def changed(edit) -> set[str]:
+        values = json.loads(json.dumps(base))
+        edit(values)
+        new = stage_keys(values, 160)
+        return {name for name in keys if new[name] != keys[name]}
+
+    runs = {f"train_{m}" for m in METHODS}
+    evals = {f"eval_{m}" for m in METHODS} | {"eval_teacher"}
+    assert changed(lambda v: v["eval"].update(seeds=[1, 2, 3])) == evals
+    assert changed(lambda v: v["distill"]["methods"]["dpkd"].update(beta=0.5)) == {"train_dpkd", "eval_dpkd"}
+    assert changed(lambda v: v["distill"]["common"].update(max_steps=7)) == runs | evals - {"eval_teacher"}
+    assert changed(lambda v: v["teacher"]["training"].update(max_steps=7)) == {"teacher"} | runs | evals
+    assert changed(lambda v: v["student"].update(d_model=32)) == {"student_init"} | runs | evals - {"eval_teacher"}
+    assert changed(lambda v: v["data"].update(train=100)) == set(keys)
+
+
+def test_stage_marker_counts_only_for_the_same_key(tmp_path):
+    markers = StageMarkers(tmp_path)
+    assert not markers.is_done("teacher", "abc")
+    markers.mark("teacher", "abc")
+    assert markers.is_done("teacher", "abc")
+    assert not markers.is_done("teacher", "abd")
+
+
+# --- the quick study, end to end ---------------------------------------------------------------------
+
+
+def _run_demo(out: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([*DPKD, "demo", "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _interrupt_after(out: Path, marker: str, timeout: float) -> subprocess.CompletedProcess:
+    """Start the quick demo, send SIGINT (Ctrl-C) once `stages/<marker>.done` exists, wait for it."""
+    proc = subprocess.Popen([*DPKD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + timeout
+    while not (out / "stages" / f"{marker}.done").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the demo never finished stage {marker!r}:\n{stdout}\n{stderr}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _report_rows(report_md: str, section: str) -> list[str]:
+    lines = report_md.split(f"## {section}\n", 1)[1].splitlines()
+    table = [line for line in lines[1:] if line.startswith("|")]
+    return [line.split("|")[1].strip() for line in table[2:]]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_stages(tmp_path):
+    out = tmp_path / "demo"
+
+    interrupted = _interrupt_after(out, "teacher", timeout=240)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "interrupted" in interrupted.stderr
+    teacher_weights = out / "teacher" / "model.safetensors"
+    teacher_mtime = teacher_weights.stat().st_mtime_ns
+
+    finished = _run_demo(out, timeout=240)
+    assert finished.returncode == 0, finished.stderr
+    assert "training the teacher (20 steps): done before, reused" in finished.stdout
+    assert teacher_weights.stat().st_mtime_ns == teacher_mtime
+
+    report = out / "report" / "report.md"
+    assert f"report {report}" in finished.stdout
+    text = report.read_text()
+    labels = ["Teacher (teacher)", "SFT", "KD", "SeqKD", "rkl", "jsd", "dpkd_token", "DPKD"]
+    for section in ("Exact match", "ROUGE-L"):
+        assert sorted(_report_rows(text, section)) == sorted(labels), section
+    for name in ("teacher", *(f"runs/{m}" for m in METHODS)):
+        metrics = json.loads((out / name / "eval" / "metrics.json").read_text())
+        (result,) = metrics["sets"].values()
+        assert set(result["per_seed"]) == {"10", "20", "30"}
+        assert result["n_examples"] == 9
+    for m in METHODS:
+        run = json.loads((out / "runs" / m / "dpkd_run.json").read_text())
+        assert run["method"] == m and run["global_step"] == 6
+        assert run["student"] == str(out.resolve() / "student_init")
+    for png in ("rougeL.png", "training_curves.png"):
+        data = (out / "report" / png).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+        import matplotlib.image
+
+        height, width, _ = matplotlib.image.imread(out / "report" / png).shape
+        assert height > 100 and width > 100
+    summary = (out / "report" / "summary.md").read_text()
+    assert all(f"| {name} |" in summary for name in ("teacher", *METHODS))
+
+    weights = {p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")}
+    again = _run_demo(out, timeout=120)
+    assert again.returncode == 0, again.stderr
+    reused = [line for line in again.stdout.splitlines() if line.startswith("[")]
+    assert sum("done before, reused" in line for line in reused) == 4 + 2 * len(METHODS) + 1
+    assert {p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")} == weights
