@@ -206,5 +206,5 @@ def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_sta
     again = _run_demo(out, timeout=120)
     assert again.returncode == 0, again.stderr
     reused = [line for line in again.stdout.splitlines() if line.startswith("[")]
-    assert sum("done before, reused" in line for line in reused) == 4 + 2 * len(METHODS) + 1
+    assert sum("done before, reused" in line for line in reused) == 5 + 2 * len(METHODS) + 1
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")} == weights

@@ -29,16 +29,21 @@ TRAIN_EXAMPLES = [
 ]
 
 
-def _launch(worker: str, args: dict, nproc: int, tmp_path: Path) -> str:
-    """Run a worker of this file on `nproc` gloo ranks with torchrun; returns its output.
+def _launch(worker: str, args: dict, nproc: int, tmp_path: Path, accelerate_config: str | None = None) -> str:
+    """Run a worker of this file on `nproc` gloo ranks with torchrun, or with `accelerate launch` and one of
+    the shipped configs; returns its output.
 
     On timeout torchrun gets SIGTERM (it stops its workers, which run in sessions of their own), then
     any worker still alive is killed through the pid it recorded, so a deadlock cannot outlive the test.
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO_ROOT / "src"), "DPKD_TEST_PID_DIR": str(tmp_path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), __file__, worker, json.dumps(args)]
+    if accelerate_config is None:
+        launcher = ["torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+    else:
+        launcher = ["accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / accelerate_config),
+                    "--num_processes", str(nproc), "--main_process_port", str(_free_port())]
+    command = [sys.executable, "-m", *launcher, __file__, worker, json.dumps(args)]
     log_path = tmp_path / f"{worker}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
@@ -121,7 +126,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(model_pa
     assert single["world_size"] == 1
 
     args = {**common, "output_dir": str(tmp_path / "two"), "per_device_batch": 2, "result": str(tmp_path / "two.json")}
-    _launch("train", args, nproc=2, tmp_path=tmp_path)
+    _launch("train", args, nproc=2, tmp_path=tmp_path, accelerate_config="ddp.yaml")
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["world_size"] == 2
     assert len(single["losses"]) == len(double["losses"]) == 4

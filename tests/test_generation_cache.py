@@ -60,6 +60,18 @@ def test_fingerprint_is_stable_across_reloads_and_changes_with_any_weight(teache
     assert model_fingerprint(AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16)) != fingerprint
 
 
+def test_sampled_fingerprint_still_tells_fine_tuned_weights_apart(teacher_dir):
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    sampled = model_fingerprint(model, sample_bytes_per_tensor=64)
+    assert sampled != model_fingerprint(model)
+    assert sampled == model_fingerprint(AutoModelForCausalLM.from_pretrained(teacher_dir), sample_bytes_per_tensor=64)
+    tuned = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(1e-4 * torch.randn_like(param))
+    assert model_fingerprint(tuned, sample_bytes_per_tensor=64) != sampled
+
+
 def test_cache_round_trips_entries_through_disk(tmp_path):
     with TeacherOutputCache(tmp_path, teacher_id="t", sampling=SAMPLING) as cache:
         cache.put([1, 2, 3], [7, 8, 0], -3.25)
@@ -173,7 +185,7 @@ def test_killed_writer_leaves_only_complete_segments(tmp_path):
         cache_dir = None
         while time.time() < deadline:
             segments = list(tmp_path.glob("*/part-*.jsonl"))
-            if len(segments) >= 3:
+            if len(segments) >= 2:
                 cache_dir = segments[0].parent
                 break
             time.sleep(0.05)
@@ -183,7 +195,7 @@ def test_killed_writer_leaves_only_complete_segments(tmp_path):
         process.kill()
         process.wait()
     cache = TeacherOutputCache(tmp_path, teacher_id="t", sampling=SAMPLING)
-    assert len(cache) >= 1500 and len(cache) % 500 == 0  # whole segments only
+    assert len(cache) >= 1000 and len(cache) % 500 == 0  # whole segments only
     for i in range(len(cache)):
         entry = cache.get([i, i + 1])
         assert entry.teacher_logp == -float(i) and entry.completion_ids[-1] == 0 and len(entry.completion_ids) == 200

@@ -174,11 +174,19 @@ def test_chunked_losses_above_the_vocabulary_threshold_match_the_dense_path(mode
 
 def test_logs_the_documented_metrics_to_tensorboard_offline(model_pairs, tokenizer, tmp_path):
     teacher_dir, student_dir = model_pairs["llama"]
-    args = make_config(tmp_path, "dpkd", save_strategy="no", report_to=["tensorboard"], kd_ratio=0.5)
+    args = make_config(tmp_path, "dpkd", save_strategy="no", report_to=["tensorboard"], kd_ratio=0.5,
+                       eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+                       gradient_accumulation_steps=2, per_device_train_batch_size=2)
     trainer = DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir),
                                   teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir), args=args,
-                                  train_dataset=make_dataset(), processing_class=tokenizer)
+                                  train_dataset=make_dataset(), eval_dataset=make_dataset(n=4, seed=3),
+                                  processing_class=tokenizer)
     trainer.train()
+    (evaluation,) = [e for e in trainer.state.log_history if "eval_loss" in e]
+    # Evaluation reports unscaled means (no division by the accumulation steps): loss = ½·distill + ½·CE.
+    assert evaluation["eval_loss"] == pytest.approx(
+        0.5 * evaluation["eval_loss/distill"] + 0.5 * evaluation["eval_loss/ce"], rel=1e-5)
+    assert {"eval_rewards/margins", "eval_rkl_estimate", "eval_length/student"} <= set(evaluation)
     names = {"loss", "loss/distill", "loss/ce", "rewards/chosen", "rewards/rejected", "rewards/margins",
              "rewards/accuracies", "rkl_estimate", "length/teacher", "length/student", "generation_time_share"}
     for entry in (e for e in trainer.state.log_history if "loss" in e):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_trainer import make_dataset
 from transformers import AutoModelForCausalLM
@@ -122,3 +123,17 @@ def test_each_cpu_recipe_trains_on_the_tiny_models(method, model_pairs, tmp_path
     assert main(["train", str(CONFIGS / f"{method}.yaml"), *overrides]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"dpkd train: {method} finished 1 steps")
     AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+
+
+def test_lora_recipe_trains_adapters_and_saves_a_merged_plain_model(model_pairs, tmp_path, capsys):
+    _, student_dir = model_pairs["llama"]
+    recipe = write_recipe(tmp_path / "lora.yaml", student=str(student_dir), method="sft",
+                          train_data=str(write_data(tmp_path / "train.jsonl")), output_dir=str(tmp_path / "run"),
+                          lora={"r": 4, "alpha": 8, "dropout": 0.0}, learning_rate=1e-2, **TINY)
+    assert main(["train", str(recipe)]) == 0
+    base = AutoModelForCausalLM.from_pretrained(student_dir)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter_config.json").exists()
+    changed = {name for name, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(name))}
+    # Only the adapted projections move; embeddings, norms and MLPs are frozen under LoRA.
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), changed

@@ -246,6 +246,7 @@ def stage_keys(values: dict, max_positions: int) -> dict[str, str]:
     keys["teacher"] = _digest([keys["tokenizer"], v["teacher"], max_positions])
     keys["student_init"] = _digest([keys["tokenizer"], v["student"], v["seed"], max_positions])
     keys["eval_teacher"] = _digest([keys["teacher"], v["eval"]])
+    keys["teacher_samples"] = _digest([keys["teacher"], v["distill"]["common"], v["eval"]["batch_size"]])
     for method, own in v["distill"]["methods"].items():
         keys[f"train_{method}"] = _digest([keys["student_init"], keys["teacher"], v["distill"]["common"], own])
         keys[f"eval_{method}"] = _digest([keys[f"train_{method}"], v["eval"]])
@@ -329,6 +330,23 @@ def train(args, init_dir: Path, train_path: Path, save_to: Path, teacher_dir: Pa
     return logged
 
 
+def fill_teacher_samples(args, teacher_dir: Path, train_path: Path, batch_size: int) -> int:
+    """Sample the teacher's responses to every training prompt into the cache that `args` (a seqkd or
+    dpkd config) reads, in large batches: much faster on a CPU than the trainer's per-step batches."""
+    from dpkd.data import load_instruction_data, tokenize_dataset
+    from dpkd.generation import TeacherOutputCache, fill_teacher_cache, model_fingerprint
+    from dpkd.modeling import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher = load_causal_lm(teacher_dir).eval()
+    rows = load_instruction_data(str(train_path), template=args.template)
+    tokenized, _ = tokenize_dataset(rows, tokenizer, max_prompt_length=args.max_prompt_length,
+                                    max_length=args.max_length, prompt_truncation=args.prompt_truncation)
+    cache = TeacherOutputCache(args.teacher_cache_dir, teacher_id=model_fingerprint(teacher),
+                               sampling=args.sampling())
+    return fill_teacher_cache(teacher, tokenizer, tokenized, cache, args.sampling(), batch_size=batch_size)
+
+
 def evaluate(model_dir: Path, test_path: Path, eval_values: dict, out_dir: Path, *, greedy: bool = False,
              seeds: list[int] | None = None) -> dict:
     from dpkd.evaluation import evaluate_model
@@ -374,7 +392,8 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, pr
     methods = list(v["distill"]["methods"])
     configs = training_configs(recipe, out)
     markers = StageMarkers(out)
-    total = 6 + 2 * len(methods)  # data, tokenizer, teacher, student init, report; a run and an eval each
+    # data, tokenizer, teacher, student init, teacher eval, report; a run and an eval per method; teacher samples
+    total = 6 + 2 * len(methods) + any(configs[m].spec.family in ("teacher_samples", "preference") for m in methods)
     step = 0
     log(f"dpkd demo: recipe {recipe.source}; output {out}; {threads} CPU thread(s)")
 
@@ -427,6 +446,18 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, pr
         log(f"    student: {n_params / 1e6:.2f}M parameters")
 
     stage("student_init", keys["student_init"], "initialising the student", make_student)
+
+    sampled = [m for m in methods if configs[m].spec.family in ("teacher_samples", "preference")]
+    if sampled:
+        def sample_teacher() -> None:
+            import torch
+
+            torch.manual_seed(v["seed"])
+            n = fill_teacher_samples(configs[sampled[0]], teacher_dir, paths["train"], v["eval"]["batch_size"])
+            log(f"    {n} teacher responses sampled")
+
+        stage("teacher_samples", keys["teacher_samples"], f"sampling the teacher's responses for {', '.join(sampled)}",
+              sample_teacher)
 
     run_dirs = {}
     for method in methods:

@@ -288,6 +288,8 @@ def apply_lora(
         raise ImportError("LoRA needs peft: pip install 'dpkd[peft]'") from error
     if target_modules is None and model.config.model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
         target_modules = "all-linear"
+    if model.config.model_type == "gpt2":
+        lora_kwargs.setdefault("fan_in_fan_out", True)  # GPT-2's Conv1D stores weights as (in, out)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM", **lora_kwargs)
     return get_peft_model(model, config)

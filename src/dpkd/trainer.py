@@ -105,7 +105,7 @@ class DistillationConfig(TrainingArguments):
     """`TrainingArguments` plus the knobs of distillation. Defaults follow the DPKD paper.
 
     Fields that transformers defaults badly for distillation are re-declared: `remove_unused_columns`
-    (the collator needs the token-id columns) and `logging_steps`.
+    (the collator needs the token-id columns), `logging_steps` and `ddp_find_unused_parameters`.
     """
 
     method: str = field(default="dpkd", metadata={
@@ -167,6 +167,8 @@ class DistillationConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Kept False: the collator reads the token-id columns, not the model's forward arguments."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "Every trainable parameter takes part in each step's loss, so DDP need not search for unused ones."})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -375,6 +377,8 @@ class DistillationTrainer(Trainer):
         spec = args.spec
         if spec.needs_teacher and teacher_model is None:
             raise ValueError(f"teacher_model: method {args.method!r} needs a teacher")
+        if not spec.needs_teacher:
+            teacher_model = None  # sft: a teacher would only take memory
         if isinstance(model, str):
             processing_class = processing_class or AutoTokenizer.from_pretrained(model)
             model = AutoModelForCausalLM.from_pretrained(model)
@@ -388,7 +392,6 @@ class DistillationTrainer(Trainer):
         if teacher_model is not None and spec.family == "teacher_forced":
             _check_plain_lm_head(teacher_model, "teacher_model")
 
-        self.tokenizer_ = processing_class
         self.eos_token_id = processing_class.eos_token_id
         self.pad_token_id = processing_class.pad_token_id
         if self.pad_token_id is None:
@@ -531,6 +534,8 @@ class DistillationTrainer(Trainer):
         return max(n_tokens, 1) * self._accumulation_steps()
 
     def _accumulation_steps(self) -> int:
+        if not self.model.training:  # evaluation reports plain per-batch means
+            return 1
         return int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps))
 
     def _chunked(self, lm_head: torch.nn.Module) -> bool:
@@ -1014,7 +1019,15 @@ def train_from_cli(config_path: str, overrides: list[str] | None = None) -> int:
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = get_last_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
+    if recipe.run.get("lora"):
+        # The run's output is a plain model that `from_pretrained` and `dpkd eval` load; the checkpoints keep
+        # the adapters alone.
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
+    else:
+        trainer.save_model()
     losses_logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     final = f"{losses_logged[-1]:.4f}" if losses_logged else f"{result.training_loss:.4f}"
     if trainer.is_world_process_zero():
