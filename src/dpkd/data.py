@@ -509,14 +509,26 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-def encode_prompt(tokenizer: Any, prompt: str, prefix: Sequence[int] | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer: Any, prompt: str, prefix: Sequence[int] | None = None, max_prompt_length: int | None = None
+) -> list[int]:
     """Token ids of a prompt: the tokenizer's special prefix (once) then the text, without other specials.
 
-    Generation code should encode prompts with this too, so a model sees the same ids at training and
+    With `max_prompt_length`, a longer prompt keeps its last tokens after the prefix (the template's
+    "### Response:" marker is at the end), as `tokenize_dataset(..., prompt_truncation="left")` does.
+    Generation and evaluation encode prompts with this, so a model sees the same ids at training and
     at evaluation.
     """
     prefix = special_prefix(tokenizer) if prefix is None else list(prefix)
-    return _with_prefix(tokenizer(prompt, add_special_tokens=False)["input_ids"], prefix)
+    ids = _with_prefix(tokenizer(prompt, add_special_tokens=False)["input_ids"], prefix)
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        ids = _left_truncate(ids, prefix, max_prompt_length)
+    return ids
+
+
+def _left_truncate(ids: list[int], prefix: list[int], max_prompt_length: int) -> list[int]:
+    keep_prefix = prefix if ids[:len(prefix)] == prefix else []
+    return keep_prefix + ids[len(ids) - (max_prompt_length - len(keep_prefix)):]
 
 
 def _with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
@@ -576,8 +588,7 @@ def tokenize_dataset(
             if prompt_truncation == "drop":
                 stats.dropped_long_prompts += 1
                 continue
-            keep_prefix = prefix if prompt[:len(prefix)] == prefix else []
-            prompt = keep_prefix + prompt[len(prompt) - (max_prompt_length - len(keep_prefix)):]
+            prompt = _left_truncate(prompt, prefix, max_prompt_length)
             stats.left_truncated_prompts += 1
         completion = list(completion) + [eos]
         room = max_length - len(prompt)

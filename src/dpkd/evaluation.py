@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dpkd.data import BUNDLED_SETS as _BUNDLED_SET_FILES
-from dpkd.data import DataError, load_instruction_data
+from dpkd.data import DataError, encode_prompt, load_instruction_data
 from dpkd.generation import (
     SamplingConfig,
     build_scoring_batch,
@@ -373,9 +373,8 @@ def implicit_rewards(student, teacher, tokenizer, prompts: Sequence[str], respon
 
 
 def _encode_prompt(tokenizer, prompt: str, max_prompt_length: int | None) -> list[int]:
-    # The same truncation `generate_texts` applies: keep the end, where "### Response:" is.
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ids[-max_prompt_length:] if max_prompt_length else ids
+    # The same encoding and truncation `generate_texts` and training apply.
+    return encode_prompt(tokenizer, prompt, max_prompt_length=max_prompt_length)
 
 
 def check_shared_vocabulary(student_dir: Path, teacher_dir: Path):

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, PreTrainedModel
 
+from dpkd.data import encode_prompt, special_prefix
 from dpkd.losses import chunked_sequence_logps, sequence_logps
 
 IGNORE_INDEX = -100
@@ -130,19 +131,19 @@ def generate_texts(
 ) -> list[str]:
     """Generate one response per prompt and decode it, cut at EOS.
 
-    Prompts longer than `max_prompt_length` tokens keep their last tokens (the template's
-    "### Response:" marker is at the end). Each batch is seeded from `seed` and the index of its first
+    Prompts are encoded as training encodes them (`dpkd.data.encode_prompt`: the tokenizer's special
+    prefix once, then the text); longer than `max_prompt_length` tokens, they keep their last tokens
+    (the template's "### Response:" marker is at the end). Each batch is seeded from `seed` and the index of its first
     prompt (offset by `start_index`), so a run resumed at a batch boundary draws the same samples.
     """
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
         pad = eos
+    prefix = special_prefix(tokenizer)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-        if max_prompt_length is not None:
-            encoded = [ids[-max_prompt_length:] for ids in encoded]
+        encoded = [encode_prompt(tokenizer, p, prefix, max_prompt_length) for p in prompts[start:start + batch_size]]
         ids, mask = left_pad(encoded, pad)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed * 1_000_003 + start_index + start)
@@ -377,7 +378,7 @@ class TeacherOutputCache:
                         key = record["key"]
                     except (ValueError, KeyError, TypeError) as error:
                         raise ValueError(f"{path}:{line_number}: not a teacher-cache entry ({error})") from error
-                    # The first writer wins, so every reader resolves duplicates the same way.
+                    # The first segment in name order wins, so every reader resolves duplicates alike.
                     if key not in self._entries:
                         self._entries[key] = entry
                         added += 1

@@ -577,6 +577,13 @@ def _upcast_optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else _upcast(tensor)
 
 
+def _checkpointed(function: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``function(*args)`` under activation checkpointing when a backward pass may follow."""
+    if not torch.is_grad_enabled():  # scoring under no_grad / inference_mode: nothing to recompute
+        return function(*args)
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 def _check_chunk_size(chunk_size: int) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
@@ -649,14 +656,13 @@ def chunked_token_loss(
     total = _upcast(student_rows).sum() * 0.0
     for start in range(0, row_labels.numel(), chunk_size):
         end = start + chunk_size
-        total = total + checkpoint(
+        total = total + _checkpointed(
             chunk_loss,
             student_rows[start:end],
             teacher_rows[start:end],
             row_labels[start:end],
             student_weight,
             student_bias,
-            use_reentrant=False,
         )
     if num_items_in_batch is None:
         return total / max(row_labels.numel(), 1)
@@ -695,13 +701,12 @@ def chunked_sequence_logps(
         return _token_logps(_project(hidden_chunk, w, b), label_chunk)
 
     chunks = [
-        checkpoint(
+        _checkpointed(
             chunk_logps,
             rows[start : start + chunk_size],
             row_labels[start : start + chunk_size],
             weight,
             bias,
-            use_reentrant=False,
         )
         for start in range(0, row_labels.numel(), chunk_size)
     ]
