@@ -35,6 +35,8 @@ import torch
 from dpkd.losses import TOKEN_LOSSES, chunked_sequence_logps, chunked_token_loss, sequence_logps
 
 SEQUENCE_LOGPS = "seq_logps"
+# chunked: activation checkpointing (the default); chunked_nr: recompute=False, gradients taken in the forward.
+FORMS = ["dense", "chunked", "chunked_nr"]
 GIB = 1024**3
 
 
@@ -75,6 +77,7 @@ def _step(loss_name: str, form: str, inputs, chunk_size: int) -> None:
             teacher_weight,
             labels,
             chunk_size=chunk_size,
+            recompute=form == "chunked",
         )
     loss.backward()
     student_hidden.grad = student_weight.grad = None
@@ -171,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences the tokens are split into")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of student and teacher")
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument(
+        "--chunked-forms",
+        nargs="+",
+        choices=FORMS[1:],
+        default=FORMS[1:],
+        help="chunked: activation checkpointing; chunked_nr: chunked_token_loss(recompute=False)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--loss", help=argparse.SUPPRESS)
-    parser.add_argument("--form", choices=["dense", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--form", choices=FORMS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
@@ -221,10 +231,13 @@ def main(argv: list[str] | None = None) -> None:
                     dense = {"skipped_needs": needed, "error": f"skipped: needs ~{_gib(needed)} GiB"}
             if not dense:
                 dense = _run_child(args, vocab, loss, "dense")
-            chunked = _run_child(args, vocab, loss, "chunked")
             if "error" not in dense:
                 peak_per_vocab[loss] = (vocab, dense["peak_bytes"])
-            print(_row(vocab, loss, dense, chunked), flush=True)
+            for form in args.chunked_forms:
+                if form == "chunked_nr" and loss == SEQUENCE_LOGPS:
+                    continue  # chunked_sequence_logps has the checkpointed form only
+                label = loss if form == "chunked" else f"{loss}, recompute=False"
+                print(_row(vocab, label, dense, _run_child(args, vocab, loss, form)), flush=True)
 
 
 def _row(vocab: int, loss: str, dense: dict, chunked: dict) -> str:

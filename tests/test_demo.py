@@ -157,8 +157,14 @@ def _interrupt_after(out: Path, marker: str, timeout: float) -> subprocess.Compl
 
 
 def _report_rows(report_md: str, section: str) -> list[str]:
+    """First-column labels of the first table under `## section` (header and rule skipped)."""
     lines = report_md.split(f"## {section}\n", 1)[1].splitlines()
-    table = [line for line in lines[1:] if line.startswith("|")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
     return [line.split("|")[1].strip() for line in table[2:]]
 
 

@@ -8,6 +8,7 @@ is seeded from the test's id), with -100 holes in the labels.
 from __future__ import annotations
 
 import math
+import weakref
 import zlib
 from collections import defaultdict
 from types import SimpleNamespace
@@ -750,9 +751,12 @@ def random_heads(gen, batch, length, vocab, student_width=8, teacher_width=12, b
     return student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize(("batch", "chunk_size", "bias"), [(1, 4, False), (3, 5, True), (2, 256, False)])
 @pytest.mark.parametrize(("name", "options"), CHUNKED_CASES)
-def test_chunked_token_loss_equals_dense_in_value_and_gradients(gen, name, options, batch, chunk_size, bias):
+def test_chunked_token_loss_equals_dense_in_value_and_gradients(
+    gen, name, options, batch, chunk_size, bias, recompute
+):
     hs, ws, ht, wt, bs, bt = random_heads(gen, batch, 9, 37, bias=bias)
     labels = random_labels(gen, batch, 9, 37)
     loss_fn = TOKEN_LOSSES[name]
@@ -760,7 +764,17 @@ def test_chunked_token_loss_equals_dense_in_value_and_gradients(gen, name, optio
     teacher_logits = F.linear(ht, wt, bt)
     dense = loss_fn(student_logits, teacher_logits, labels, **options)
     chunked = chunked_token_loss(
-        loss_fn, hs, ws, ht, wt, labels, chunk_size=chunk_size, student_bias=bs, teacher_bias=bt, **options
+        loss_fn,
+        hs,
+        ws,
+        ht,
+        wt,
+        labels,
+        chunk_size=chunk_size,
+        student_bias=bs,
+        teacher_bias=bt,
+        recompute=recompute,
+        **options,
     )
     torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-5)
     leaves = (hs, ws) if bs is None else (hs, ws, bs)
@@ -770,20 +784,23 @@ def test_chunked_token_loss_equals_dense_in_value_and_gradients(gen, name, optio
         torch.testing.assert_close(chunked_grad, dense_grad, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_token_loss_divides_by_num_items_and_leaves_the_teacher_without_gradient(gen):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_token_loss_divides_by_num_items_and_leaves_the_teacher_without_gradient(gen, recompute):
     hs, ws, ht, wt, _, _ = random_heads(gen, 2, 6, 23)
     wt.requires_grad_()
     labels = random_labels(gen, 2, 6, 23)
-    total = chunked_token_loss(reverse_kl, hs, ws, ht, wt, labels, chunk_size=3, num_items_in_batch=1)
-    mean = chunked_token_loss(reverse_kl, hs, ws, ht, wt, labels, chunk_size=3)
+    options = {"chunk_size": 3, "recompute": recompute}
+    total = chunked_token_loss(reverse_kl, hs, ws, ht, wt, labels, num_items_in_batch=1, **options)
+    mean = chunked_token_loss(reverse_kl, hs, ws, ht, wt, labels, **options)
     torch.testing.assert_close(mean * (labels != -100).sum(), total)
     total.backward()
     assert wt.grad is None and ws.grad is not None
 
 
-def test_chunked_token_loss_of_an_all_ignored_batch_is_zero_and_back_propagates(gen):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_token_loss_of_an_all_ignored_batch_is_zero_and_back_propagates(gen, recompute):
     hs, ws, ht, wt, _, _ = random_heads(gen, 2, 3, 11)
-    loss = chunked_token_loss(forward_kl, hs, ws, ht, wt, torch.full((2, 3), -100))
+    loss = chunked_token_loss(forward_kl, hs, ws, ht, wt, torch.full((2, 3), -100), recompute=recompute)
     loss.backward()
     assert loss.item() == 0.0 and bool((hs.grad == 0).all())
 
@@ -802,6 +819,15 @@ def test_chunked_forms_keep_no_per_token_vocabulary_tensor_for_the_backward(gen)
         chunked_token_loss(generalized_jsd, hs, ws, ht, wt, labels, chunk_size=8)
         chunked_sequence_logps(hs, ws, labels, chunk_size=8)
     assert saved_shapes and not [shape for shape in saved_shapes if shape and shape[-1] == vocab]
+    # recompute=False builds each chunk's graph inside its forward pass; none of it may outlive the chunk
+    saved_refs: list[weakref.ref] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved_refs.append(weakref.ref(t)) or t, lambda t: t
+    ):
+        loss = chunked_token_loss(generalized_jsd, hs, ws, ht, wt, labels, chunk_size=8, recompute=False)
+    assert saved_refs  # the chunk graphs did save tensors (among them (8, V) ones) ...
+    alive = [ref() for ref in saved_refs if ref() is not None]  # ... which are gone now
+    assert loss.requires_grad and not [t.shape for t in alive if t.dim() and t.shape[-1] == vocab]
     saved_shapes.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         generalized_jsd(hs @ ws.T, ht @ wt.T, labels)

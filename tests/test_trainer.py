@@ -153,13 +153,14 @@ def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(model_pairs,
 
 
 def test_chunked_losses_above_the_vocabulary_threshold_match_the_dense_path(model_pairs, tokenizer, tmp_path):
+    """Two SGD steps (an update proportional to the gradient, unlike Adam's first steps) from each path."""
     teacher_dir, student_dir = model_pairs["llama"]
     runs = {}
     for method in ("dpkd_token", "dpkd"):
         for threshold in (10**9, 8):  # dense, then chunked (the tiny vocabulary is above 8)
             args = make_config(tmp_path / f"{method}{threshold}", method, save_strategy="no",
-                               chunked_loss_vocab_threshold=threshold, kd_ratio=0.5,
-                               teacher_cache_dir=str(tmp_path / "cache"))
+                               chunked_loss_vocab_threshold=threshold, kd_ratio=0.5, optim="sgd",
+                               learning_rate=0.1, teacher_cache_dir=str(tmp_path / "cache"))
             trainer = DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir),
                                           teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir),
                                           args=args, train_dataset=make_dataset(), processing_class=tokenizer)

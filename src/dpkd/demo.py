@@ -194,7 +194,7 @@ def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None)
     where = where or recipe.source
     v = recipe.values
     base = {"seed": v["seed"], "save_strategy": "no", "report_to": "none", "lr_scheduler_type": "cosine",
-            "disable_tqdm": False, "dataloader_num_workers": 0}
+            "disable_tqdm": False, "dataloader_num_workers": 0, "dataloader_pin_memory": False}
     fields = {"teacher": ("teacher.training", {**base, "method": "sft", "output_dir": str(out / "teacher" / "training"),
                                                **_training_fields(v["teacher"].get("training") or {}, where,
                                                                   "teacher.training")})}

@@ -601,6 +601,7 @@ def chunked_token_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    recompute: bool = True,
     **loss_kwargs,
 ) -> torch.Tensor:
     """Any token-level loss of this module, from final hidden states and ``lm_head`` weights.
@@ -612,6 +613,12 @@ def chunked_token_loss(
     ``torch.utils.checkpoint`` so that its logits are recomputed in the backward pass instead of stored.
     The teacher's projection runs without gradient. The total is divided by the number of valid tokens, or
     by ``num_items_in_batch`` when given.
+
+    ``recompute=False`` trades the recomputation for storage of hidden-size tensors: each chunk's gradient
+    with respect to the student's hidden states, weight and bias is taken during the forward pass and kept
+    ((N, H_s) and (V, H_s), never vocabulary-per-token), so the backward pass only scales it. Same values
+    and gradients, about the dense form's time instead of one extra forward pass (docs/benchmarks.md);
+    the loss cannot then be differentiated twice.
 
     Shapes: hidden states (B, L, H_s) and (B, L, H_t) (the widths may differ), weights (V, H_s) and
     (V, H_t), labels (B, L); ``hidden[:, i]`` predicts ``labels[:, i]`` (already shifted).
@@ -652,6 +659,12 @@ def chunked_token_loss(
             **loss_kwargs,
         )
 
+    student_leaves = (student_rows, student_weight, student_bias)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student_leaves)
+    if not recompute and needs_grad:
+        total = _GradientInForward.apply(chunk_loss, chunk_size, teacher_rows, row_labels, *student_leaves)
+        return _divide_total(total, row_labels.numel(), num_items_in_batch)
+
     # Starts from a zero tied to the student's inputs so that an all-ignored batch still back-propagates.
     total = _upcast(student_rows).sum() * 0.0
     for start in range(0, row_labels.numel(), chunk_size):
@@ -664,11 +677,57 @@ def chunked_token_loss(
             student_weight,
             student_bias,
         )
+    return _divide_total(total, row_labels.numel(), num_items_in_batch)
+
+
+def _divide_total(
+    total: torch.Tensor, n_valid: int, num_items_in_batch: int | torch.Tensor | None
+) -> torch.Tensor:
     if num_items_in_batch is None:
-        return total / max(row_labels.numel(), 1)
+        return total / max(n_valid, 1)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+class _GradientInForward(torch.autograd.Function):
+    """Sum of ``chunk_loss`` over chunks, whose gradients w.r.t. the student's rows, weight and bias are
+    computed chunk by chunk during the forward pass; the backward pass scales them by the output's grad."""
+
+    @staticmethod
+    def forward(ctx, chunk_loss, chunk_size, teacher_rows, row_labels, student_rows, weight, bias):
+        leaves = (student_rows, weight, bias)
+        wanted = [x is not None and x.requires_grad for x in leaves]
+        grads = [torch.zeros_like(x) if want else None for x, want in zip(leaves, wanted)]
+        total = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        for start in range(0, row_labels.numel(), chunk_size):
+            end = start + chunk_size
+            chunk_leaves = [
+                None if x is None else x[start:end] if i == 0 else x for i, x in enumerate(leaves)
+            ]
+            with torch.enable_grad():
+                inputs = [
+                    None if x is None else x.detach().requires_grad_(want)
+                    for x, want in zip(chunk_leaves, wanted)
+                ]
+                loss = chunk_loss(
+                    inputs[0], teacher_rows[start:end], row_labels[start:end], inputs[1], inputs[2]
+                )
+                targets = [x for x, want in zip(inputs, wanted) if want]
+                chunk_grads = iter(torch.autograd.grad(loss, targets))
+            for i, want in enumerate(wanted):
+                if want:
+                    (grads[i][start:end] if i == 0 else grads[i]).add_(next(chunk_grads))
+            total += loss.detach()
+        ctx.wanted = wanted
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_total if want else None for want in ctx.wanted]
+        return None, None, None, None, *grads
 
 
 def chunked_sequence_logps(

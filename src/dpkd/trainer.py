@@ -268,7 +268,6 @@ class _Positions:
     hidden: torch.Tensor   # (N, H)
     targets: torch.Tensor  # (N,)
     rows: torch.Tensor     # (N,) which sequence of the batch each token belongs to
-    batch_size: int
 
 
 def _select_positions(hidden: torch.Tensor, labels: torch.Tensor) -> _Positions:
@@ -278,7 +277,7 @@ def _select_positions(hidden: torch.Tensor, labels: torch.Tensor) -> _Positions:
 
 def _select_positions_shifted(hidden: torch.Tensor, labels: torch.Tensor) -> _Positions:
     valid = labels != IGNORE_INDEX
-    return _Positions(hidden[valid], labels[valid], valid.nonzero()[:, 0], labels.shape[0])
+    return _Positions(hidden[valid], labels[valid], valid.nonzero()[:, 0])
 
 
 def _is_fsdp2(module: torch.nn.Module) -> bool:
@@ -744,7 +743,8 @@ class DistillationTrainer(Trainer):
         names = sorted(metrics)
         values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).to(self.args.device).reshape(())
                               for k in names])
-        values = self.accelerator.gather_for_metrics(values[None]).mean(0)
+        # `gather`, not `gather_for_metrics`: these are per-rank summaries, not samples to de-duplicate.
+        values = self.accelerator.gather(values[None]).mean(0)
         for name, value in zip(names, values.tolist()):
             self._metrics[mode][name].append(value)
 
@@ -1062,6 +1062,8 @@ def teacher_generate_from_cli(config_path: str, overrides: list[str] | None = No
     torch.manual_seed(args.seed)
     generated = fill_teacher_cache(teacher, tokenizer, tokenized, cache, args.sampling(),
                                    batch_size=args.per_device_train_batch_size)
-    print(f"dpkd teacher-generate: {generated} new teacher outputs for {len(tokenized)} prompts "
-          f"({len(tokenized) - generated} already cached) in {time.perf_counter() - started:.0f}s; cache {cache_dir}")
+    if args.process_index == 0:  # under `accelerate launch` each rank fills its share; rank 0 reports its own
+        print(f"dpkd teacher-generate: {generated} new teacher outputs for {len(tokenized)} prompts "
+              f"({len(tokenized) - generated} already cached) in {time.perf_counter() - started:.0f}s; "
+              f"cache {cache_dir}")
     return 0
