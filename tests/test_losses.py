@@ -152,7 +152,9 @@ def ref_divergence(name, student, teacher, labels, temperature=1.0, num_items_in
 
 
 def ref_log_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return -torch.log1p(torch.exp(-x))
+    """log σ(x) = −log(1 + e^(−x)), written as −logaddexp(0, −x) so that large |x| does not overflow."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    return -torch.logaddexp(torch.zeros_like(x), -x)
 
 
 def ref_dpkd_token_position(

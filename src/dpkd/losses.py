@@ -18,8 +18,9 @@ Conventions shared by every function here:
 
 The chunked forms (:func:`chunked_token_loss`, :func:`chunked_sequence_logps`) take final hidden states and
 ``lm_head`` weights instead of logits, project only the valid positions, a chunk at a time, and recompute each
-chunk's logits in the backward pass (activation checkpointing), so no (tokens × vocab) tensor outlives its
-chunk. They give the values and gradients of the dense forms.
+chunk's logits in the backward pass (activation checkpointing; ``chunked_token_loss(..., recompute=False)``
+takes each chunk's gradient during the forward pass instead, at about the dense form's time), so no
+(tokens × vocab) tensor outlives its chunk. They give the values and gradients of the dense forms.
 
 :data:`TOKEN_LOSSES` maps the short names the trainer's configuration uses to the token-level losses.
 """
@@ -696,37 +697,35 @@ class _GradientInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chunk_loss, chunk_size, teacher_rows, row_labels, student_rows, weight, bias):
-        leaves = (student_rows, weight, bias)
-        wanted = [x is not None and x.requires_grad for x in leaves]
-        grads = [torch.zeros_like(x) if want else None for x, want in zip(leaves, wanted)]
-        total = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        wants = [x is not None and x.requires_grad for x in (student_rows, weight, bias)]
+        grad_rows = torch.zeros_like(student_rows) if wants[0] else None
+        grad_weight = torch.zeros_like(weight) if wants[1] else None
+        grad_bias = torch.zeros_like(bias) if wants[2] else None
+        total = weight.new_zeros(())
         for start in range(0, row_labels.numel(), chunk_size):
             end = start + chunk_size
-            chunk_leaves = [
-                None if x is None else x[start:end] if i == 0 else x for i, x in enumerate(leaves)
-            ]
             with torch.enable_grad():
-                inputs = [
-                    None if x is None else x.detach().requires_grad_(want)
-                    for x, want in zip(chunk_leaves, wanted)
-                ]
+                rows = student_rows[start:end].detach().requires_grad_(wants[0])
+                chunk_weight = weight.detach().requires_grad_(wants[1])
+                chunk_bias = None if bias is None else bias.detach().requires_grad_(wants[2])
                 loss = chunk_loss(
-                    inputs[0], teacher_rows[start:end], row_labels[start:end], inputs[1], inputs[2]
+                    rows, teacher_rows[start:end], row_labels[start:end], chunk_weight, chunk_bias
                 )
-                targets = [x for x, want in zip(inputs, wanted) if want]
-                chunk_grads = iter(torch.autograd.grad(loss, targets))
-            for i, want in enumerate(wanted):
-                if want:
-                    (grads[i][start:end] if i == 0 else grads[i]).add_(next(chunk_grads))
+                leaves = [x for x, want in zip((rows, chunk_weight, chunk_bias), wants) if want]
+                chunk_grads = iter(torch.autograd.grad(loss, leaves))
+            if wants[0]:
+                grad_rows[start:end] = next(chunk_grads)
+            if wants[1]:
+                grad_weight += next(chunk_grads)
+            if wants[2]:
+                grad_bias += next(chunk_grads)
             total += loss.detach()
-        ctx.wanted = wanted
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_total if want else None for want in ctx.wanted]
+        grads = [None if grad is None else grad * grad_total for grad in ctx.saved_tensors]
         return None, None, None, None, *grads
 
 
