@@ -219,6 +219,11 @@ def test_missing_data_dir_says_where_it_looked_and_how_to_set_it(tmp_path, monke
     monkeypatch.setattr(dpkd.data, "__file__", str(tmp_path / "repo/src/dpkd/data.py"))
     monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
+    searched = dpkd.data._default_data_dirs()
+    assert tmp_path / "shared" / "data" / "minillm_eval" in searched
+    # Only the places inside tmp_path: a real shared/ above it (e.g. /tmp/shared) must not hide the error.
+    monkeypatch.setattr(dpkd.data, "_default_data_dirs",
+                        lambda: [p for p in searched if tmp_path in p.parents])
     message = error_message("dolly")
     assert "cannot find bundled evaluation set 'dolly': looked in" in message
     assert str(tmp_path / "shared" / "data" / "minillm_eval") in message

@@ -146,7 +146,10 @@ def _run_demo(out: Path, timeout: float) -> subprocess.CompletedProcess:
 def _interrupt_after(out: Path, marker: str, timeout: float) -> subprocess.CompletedProcess:
     """Start the quick demo, send SIGINT (Ctrl-C) once `stages/<marker>.done` exists, wait for it."""
     proc = subprocess.Popen([*DPKD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            # A job started in the background by a non-interactive shell (as CI may be)
+                            # inherits an ignored SIGINT; give the demo the disposition a terminal gives it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not (out / "stages" / f"{marker}.done").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
