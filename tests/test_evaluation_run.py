@@ -1,6 +1,7 @@
 """`dpkd eval` end to end on the tiny models: files, metrics, resuming, teacher diagnostics, bad input."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -13,9 +14,9 @@ import pytest
 import dpkd.evaluation as evaluation
 from dpkd.cli import main
 from dpkd.data import load_instruction_data
-from dpkd.evaluation import EvaluationError, compute_metrics, evaluate_model
+from dpkd.evaluation import EvaluationError, check_shared_vocabulary, compute_metrics, evaluate_model
 from dpkd.generation import SamplingConfig
-from dpkd.modeling import train_bpe_tokenizer
+from dpkd.modeling import load_tokenizer, train_bpe_tokenizer
 
 SETS = ("dolly", "selfinst", "vicuna", "sinst")
 
@@ -65,7 +66,7 @@ def test_eval_cli_writes_predictions_and_consistent_metrics_for_each_bundled_set
 
 
 class CountingGenerate:
-    """Wraps `generate_texts` to count the prompts it is asked to complete."""
+    """Wraps `generate_responses` to count the prompts it is asked to complete."""
 
     def __init__(self):
         self.prompts = 0
@@ -75,13 +76,13 @@ class CountingGenerate:
         return CountingGenerate.real(model, tokenizer, prompts, *args, **kwargs)
 
 
-CountingGenerate.real = staticmethod(evaluation.generate_texts)
+CountingGenerate.real = staticmethod(evaluation.generate_responses)
 
 
 def test_rerun_after_losing_half_the_predictions_generates_only_the_missing_half(
         student_dir, shared_data_dir, tmp_path, monkeypatch):
     counter = CountingGenerate()
-    monkeypatch.setattr(evaluation, "generate_texts", counter)
+    monkeypatch.setattr(evaluation, "generate_responses", counter)
     args = dict(data=["dolly"], seeds=[7], data_dir=shared_data_dir, limit=7, batch_size=2,
                 sampling=SamplingConfig(max_new_tokens=4), max_prompt_length=32)
     full = evaluate_model(student_dir, out_dir=tmp_path / "a", **args)
@@ -106,6 +107,30 @@ def test_rerun_after_losing_half_the_predictions_generates_only_the_missing_half
     counter.prompts = 0
     evaluate_model(student_dir, out_dir=tmp_path / "a", **args)
     assert counter.prompts == 0  # complete: nothing to redo
+
+
+def test_predictions_without_token_ids_are_generated_again_from_the_first_such_line(
+        student_dir, shared_data_dir, tmp_path, monkeypatch, caplog):
+    counter = CountingGenerate()
+    monkeypatch.setattr(evaluation, "generate_responses", counter)
+    args = dict(data=["dolly"], seeds=[3], data_dir=shared_data_dir, limit=5, batch_size=2,
+                sampling=SamplingConfig(max_new_tokens=4), max_prompt_length=32, out_dir=tmp_path)
+    evaluate_model(student_dir, **args)
+    path = tmp_path / "predictions" / "dolly" / "seed3.jsonl"
+    complete = path.read_text(encoding="utf-8")
+    records = read_jsonl(path)
+    assert all(r["response_ids"] and r["prediction"] is not None for r in records)
+
+    # As an older dpkd wrote them: no token ids from line 4 on, inside the batch [2, 4).
+    for r in records[3:]:
+        del r["response_ids"]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    counter.prompts = 0
+    with caplog.at_level(logging.WARNING, logger="dpkd.evaluation"):
+        evaluate_model(student_dir, **args)
+    assert counter.prompts == 3  # from the start of that batch, index 2
+    assert "lines from 4 on have no generated token ids" in caplog.text
+    assert path.read_text(encoding="utf-8") == complete
 
 
 def test_predictions_made_otherwise_are_refused_not_overwritten(student_dir, shared_data_dir, tmp_path):
@@ -170,14 +195,48 @@ def test_bad_eval_arguments_fail_clearly_before_loading_a_model(
     assert message in capsys.readouterr().err
 
 
-def test_teacher_with_another_vocabulary_is_refused_before_loading(
+def _fail_if_generating(*args, **kwargs):
+    raise AssertionError("generation started before the arguments were checked")
+
+
+def test_teacher_with_another_vocabulary_is_refused_before_loading_saying_what_differs(
         student_dir, teacher_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other-teacher"
     other.mkdir()
     shutil.copy(teacher_dir / "config.json", other / "config.json")
     train_bpe_tokenizer(["a completely different corpus", "with few words"], vocab_size=300).save_pretrained(other)
     monkeypatch.setattr(evaluation, "_load_model", _fail_if_loaded)
+    monkeypatch.setattr(evaluation, "generate_responses", _fail_if_generating)
     argv = ["eval", "--model", str(student_dir), "--teacher", str(other), "--data", "vicuna",
             "--data-dir", str(shared_data_dir), "--limit", "1"]
     assert main(argv) == 2
-    assert f"--teacher: {other} and --model {student_dir} do not share a vocabulary" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--teacher: {other} and --model {student_dir} do not share a vocabulary" in err
+    # The detail of `dpkd.modeling.check_tokenizers_match` follows.
+    assert "  - tokenizer sizes differ: teacher" in err
+    assert "tokens have different ids" in err
+
+
+def test_teacher_with_the_same_vocabulary_passes_even_when_saved_without_a_pad_token(
+        student_dir, teacher_dir, tmp_path):
+    # As a hub GPT-2 teacher: no pad token, while `dpkd train` saved the student's as EOS.
+    bare = tmp_path / "teacher-without-pad"
+    shutil.copytree(teacher_dir, bare)
+    tokenizer = load_tokenizer(teacher_dir)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(bare)
+    assert load_tokenizer(student_dir).pad_token_id is not None
+    for teacher in (teacher_dir, bare):
+        tokenizer = check_shared_vocabulary(Path(student_dir), Path(teacher))
+        assert tokenizer.get_vocab() == load_tokenizer(student_dir).get_vocab()
+
+
+def test_teacher_with_another_eos_is_refused(student_dir, teacher_dir, tmp_path):
+    other_eos = tmp_path / "teacher-other-eos"
+    shutil.copytree(teacher_dir, other_eos)
+    tokenizer = load_tokenizer(teacher_dir)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(5)
+    tokenizer.save_pretrained(other_eos)
+    with pytest.raises(EvaluationError, match=r"do not share a vocabulary; log q/p compares token ids:\n"
+                                              r"  - eos_token_id differs: teacher 5, student 0"):
+        check_shared_vocabulary(Path(student_dir), other_eos)

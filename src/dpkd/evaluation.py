@@ -8,7 +8,8 @@ runs are `dpkd.report`'s.
 Output layout of `evaluate_model(model, out_dir=OUT)`:
 
     OUT/metrics.json                            per set: per-seed values, their mean and std, settings
-    OUT/predictions/<set>/seed<k>.jsonl         one line per example, written batch by batch
+    OUT/predictions/<set>/seed<k>.jsonl         one line per example (text and sampled token ids), written
+                                                batch by batch
     OUT/predictions/<set>/seed<k>.settings.json what produced that file (model, sampling, batch size)
     OUT/teacher_predictions/<set>/...           the same for the teacher's outputs (with a teacher)
 """
@@ -34,11 +35,12 @@ from dpkd.data import DataError, encode_prompt, load_instruction_data
 from dpkd.generation import (
     SamplingConfig,
     build_scoring_batch,
-    generate_texts,
+    generate_responses,
     left_pad,
     model_fingerprint,
     score_sequences,
 )
+from dpkd.modeling import TokenizerMismatchError, check_tokenizers_match, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -240,13 +242,19 @@ def generate_predictions(
     batch_size: int,
     max_prompt_length: int | None,
     progress_label: str = "",
-) -> list[str]:
-    """Predictions for every example of `dataset`, resuming the JSONL file at `path` if it exists.
+) -> tuple[list[str], list[list[int]]]:
+    """Predictions for every example of `dataset` and their generated token ids, resuming the JSONL file
+    at `path` if it exists.
 
-    Each line: {"index", "prompt", "prediction", "references", "batch_end"}; lines are flushed batch by
-    batch. A rerun keeps the complete batches already there and generates the rest; batches are seeded by
-    `generate_texts` from `seed` and their first index, so the result equals an uninterrupted run. A file
-    whose `<stem>.settings.json` disagrees with `settings` is refused.
+    Each line: {"index", "prompt", "prediction", "response_ids", "references", "batch_end"};
+    `response_ids` are the sampled tokens up to and including the EOS generation stopped on (no EOS if it
+    stopped at the token limit), without padding: what the teacher diagnostics score. Lines are flushed
+    batch by batch. A rerun keeps the complete batches already there and generates the rest; batches are
+    seeded by `generate_responses` from `seed` and their first index, so the result equals an
+    uninterrupted run. A file whose `<stem>.settings.json` disagrees with `settings` is refused.
+    Lines written by an older dpkd, without `response_ids`, are generated again from the first of them
+    on (same seeds and settings, so normally the same texts), with a warning: re-encoding their text
+    would score other tokens than were sampled.
     """
     from tqdm.auto import tqdm
 
@@ -267,10 +275,15 @@ def generate_predictions(
                 "delete the file or pass another --out"
             )
         records = _read_records(path)
+        without_ids = next((i for i, r in enumerate(records) if not _has_response_ids(r)), None)
+        if without_ids is not None and without_ids < len(prompts):
+            logger.warning("%s: lines from %d on have no generated token ids (written by an older dpkd); "
+                           "generating them again", path, without_ids + 1)
+            records = records[:without_ids]
         kept = _reusable_prefix(records, prompts, batch_size, path)
         if kept == len(prompts):
             # Complete (possibly for a larger --limit too): nothing to generate, the file stays as it is.
-            return [r["prediction"] for r in records[:kept]]
+            return [r["prediction"] for r in records[:kept]], [r["response_ids"] for r in records[:kept]]
         records = records[:kept]
         if kept:
             logger.info("%s: resuming after %d of %d predictions", path, kept, len(prompts))
@@ -283,17 +296,24 @@ def generate_predictions(
         bar = tqdm(total=len(prompts), initial=len(records), desc=progress_label, unit="ex", leave=False)
         for start in range(len(records), len(prompts), batch_size):
             end = min(start + batch_size, len(prompts))
-            texts = generate_texts(model, tokenizer, prompts[start:end], sampling, batch_size=end - start,
-                                   max_prompt_length=max_prompt_length, seed=seed, start_index=start)
-            for i, text in zip(range(start, end), texts):
-                record = {"index": i, "prompt": prompts[i], "prediction": text,
-                          "references": list(references[i]), "batch_end": end}
+            responses = generate_responses(model, tokenizer, prompts[start:end], sampling,
+                                           batch_size=end - start, max_prompt_length=max_prompt_length,
+                                           seed=seed, start_index=start)
+            for i, response in zip(range(start, end), responses):
+                record = {"index": i, "prompt": prompts[i], "prediction": response.text,
+                          "response_ids": response.token_ids, "references": list(references[i]),
+                          "batch_end": end}
                 records.append(record)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(end - start)
         bar.close()
-    return [r["prediction"] for r in records]
+    return [r["prediction"] for r in records], [r["response_ids"] for r in records]
+
+
+def _has_response_ids(record: dict) -> bool:
+    ids = record.get("response_ids")
+    return isinstance(ids, list) and bool(ids) and all(isinstance(t, int) for t in ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,16 +376,19 @@ def first_token_reverse_kl(student, teacher, prompt_ids: Sequence[list[int]], *,
     return total / len(prompt_ids)
 
 
-def implicit_rewards(student, teacher, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+def implicit_rewards(student, teacher, tokenizer, prompts: Sequence[str], response_ids: Sequence[list[int]], *,
                      beta: float, max_prompt_length: int | None, batch_size: int) -> dict[str, float]:
     """Mean implicit reward r̂ = β·[log q(y|x) − log p(y|x)] over the pairs, and its per-token form r̂/|y|.
 
-    y is the saved response text re-encoded and ended with EOS (the form training scores).
+    y is the response's token ids as generated (EOS included if generation stopped on it, no padding;
+    see `generate_predictions`), never its text re-encoded, which can be tokenised differently.
+    x is the prompt encoded as generation encoded it.
     """
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    empty = [i for i, r in enumerate(response_ids) if len(r) == 0]
+    if empty:
+        raise EvaluationError(f"implicit_rewards: response {empty[0]} has no tokens to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids = [_encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
-    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
     log_q, n = response_logps(student, prompt_ids, response_ids, pad_token_id=pad, batch_size=batch_size)
     log_p, _ = response_logps(teacher, prompt_ids, response_ids, pad_token_id=pad, batch_size=batch_size)
     reward = beta * (log_q - log_p)
@@ -373,21 +396,28 @@ def implicit_rewards(student, teacher, tokenizer, prompts: Sequence[str], respon
 
 
 def _encode_prompt(tokenizer, prompt: str, max_prompt_length: int | None) -> list[int]:
-    # The same encoding and truncation `generate_texts` and training apply.
+    # The same encoding and truncation `generate_responses` and training apply.
     return encode_prompt(tokenizer, prompt, max_prompt_length=max_prompt_length)
 
 
 def check_shared_vocabulary(student_dir: Path, teacher_dir: Path):
-    """Load both tokenizers and insist they map the same strings to the same ids."""
-    from transformers import AutoTokenizer
+    """Load both tokenizers, refuse them unless `dpkd.modeling.check_tokenizers_match` accepts them, and
+    return the student's.
 
-    student_tok = AutoTokenizer.from_pretrained(student_dir)
-    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
+    Both are loaded with `load_tokenizer`, which gives a tokenizer without a pad token its EOS, as training
+    does: a teacher saved without a pad token still matches a student that `dpkd train` saved with one.
+    The models' vocabulary sizes are not compared: `first_token_reverse_kl` handles padded vocabularies.
+    """
+    student_tok = load_tokenizer(student_dir)
+    try:
+        check_tokenizers_match(load_tokenizer(teacher_dir), student_tok)
+    except TokenizerMismatchError as error:
+        # Its first line says what distillation needs; the list of differences follows it.
+        _, _, differences = str(error).partition(":\n")
         raise EvaluationError(
-            f"--teacher: {teacher_dir} and --model {student_dir} do not share a vocabulary "
-            f"({len(teacher_tok)} vs {len(student_tok)} tokens); log q/p needs the same token ids"
-        )
+            f"--teacher: {teacher_dir} and --model {student_dir} do not share a vocabulary; log q/p "
+            f"compares token ids:\n{differences or str(error)}"
+        ) from error
     return student_tok
 
 
@@ -434,8 +464,8 @@ def evaluate_model(
 
     `out_dir` defaults to `<model_dir>/eval`. Per set: per-seed exact match and ROUGE-L, their breakdown
     by reference length, and mean/std over seeds. With `teacher_dir`: the teacher's outputs too (same
-    seeds), the mean implicit reward β·log q/p of student and teacher outputs (summed over response tokens
-    and per token), and the reverse KL KL(q||p) on the first response token.
+    seeds), the mean implicit reward β·log q/p of student and teacher outputs (summed over the sampled
+    response tokens and per token), and the reverse KL KL(q||p) on the first response token.
     The evaluated checkpoint is exactly `model_dir`: no checkpoint selection happens here.
     """
     # Everything that can be wrong with the arguments is found before a model is loaded.
@@ -461,13 +491,11 @@ def evaluate_model(
         if len(dataset) == 0:
             raise EvaluationError(f"--data: evaluation set {name!r} has no examples")
 
-    from transformers import AutoTokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if teacher_dir is not None:
         tokenizer = check_shared_vocabulary(model_dir, teacher_dir)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
     model = _load_model(model_dir, device, dtype)
     teacher = _load_model(teacher_dir, device, dtype) if teacher_dir is not None else None
 
@@ -489,22 +517,23 @@ def evaluate_model(
         per_seed: dict[str, dict] = {}
         for seed in seeds:
             path = out_dir / "predictions" / name / f"seed{seed}.jsonl"
-            predictions = generate_predictions(model, tokenizer, dataset, path, file_settings(model_dir, seed),
-                                               seed=seed, progress_label=f"{name} seed {seed}", **generation)
+            predictions, response_ids = generate_predictions(
+                model, tokenizer, dataset, path, file_settings(model_dir, seed), seed=seed,
+                progress_label=f"{name} seed {seed}", **generation)
             scores: dict = {**compute_metrics(predictions, references),
                             "by_reference_length": metrics_by_reference_length(predictions, references)}
             if teacher is not None:
                 teacher_path = out_dir / "teacher_predictions" / name / f"seed{seed}.jsonl"
-                teacher_predictions = generate_predictions(
+                teacher_predictions, teacher_response_ids = generate_predictions(
                     teacher, tokenizer, dataset, teacher_path, file_settings(teacher_dir, seed), seed=seed,
                     progress_label=f"{name} seed {seed} (teacher)", **generation)
                 scores["teacher"] = compute_metrics(teacher_predictions, references)
                 reward_args = dict(beta=beta, max_prompt_length=max_prompt_length, batch_size=batch_size)
                 scores["implicit_reward"] = {
                     "student_outputs": implicit_rewards(model, teacher, tokenizer, dataset["prompt"],
-                                                        predictions, **reward_args),
+                                                        response_ids, **reward_args),
                     "teacher_outputs": implicit_rewards(model, teacher, tokenizer, dataset["prompt"],
-                                                        teacher_predictions, **reward_args),
+                                                        teacher_response_ids, **reward_args),
                 }
             per_seed[str(seed)] = scores
         results[name] = {"n_examples": len(dataset), "per_seed": per_seed,

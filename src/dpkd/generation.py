@@ -1,8 +1,8 @@
 """Sampling with the KV cache, scoring completions, and the on-disk teacher-output cache.
 
-Sampling: `sample_completions` (and `generate_texts` for evaluation). Scoring: `build_scoring_batch` lays
-out prompt + completion, `completion_logps` / `score_sequences` sum the completion tokens' log-probs
-without a batch x length x vocabulary log-softmax. Teacher outputs: `TeacherOutputCache` stores the
+Sampling: `sample_completions` (and `generate_responses` / `generate_texts` for evaluation). Scoring:
+`build_scoring_batch` lays out prompt + completion, `completion_logps` / `score_sequences` sum the
+completion tokens' log-probs without a batch x length x vocabulary log-softmax. Teacher outputs: `TeacherOutputCache` stores the
 teacher's completion and its sequence log-prob per prompt, `teacher_outputs` fills it lazily during
 training, `fill_teacher_cache` ahead of time (`dpkd teacher-generate`).
 """
@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,54 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     return ids, mask
 
 
+class GeneratedResponse(NamedTuple):
+    """One sampled response: its decoded text and the token ids exactly as sampled."""
+
+    text: str  # decoded without special tokens, stripped: what the metrics compare
+    token_ids: list[int]  # up to and including the first EOS (if generation stopped on it), no padding
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    *,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+    seed: int = 0,
+    start_index: int = 0,
+) -> list[GeneratedResponse]:
+    """Generate one response per prompt: its text and its sampled token ids.
+
+    Prompts are encoded as training encodes them (`dpkd.data.encode_prompt`: the tokenizer's special
+    prefix once, then the text); longer than `max_prompt_length` tokens, they keep their last tokens
+    (the template's "### Response:" marker is at the end). Each batch is seeded from `seed` and the index
+    of its first prompt (offset by `start_index`), so a run resumed at a batch boundary draws the same
+    samples. The token ids are the ones to score: decoding and re-encoding the text can tokenise it
+    differently (byte-level BPE merges what was sampled as separate tokens) and loses the EOS.
+    """
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad is None:
+        pad = eos
+    prefix = special_prefix(tokenizer)
+    responses: list[GeneratedResponse] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p, prefix, max_prompt_length) for p in prompts[start:start + batch_size]]
+        ids, mask = left_pad(encoded, pad)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed * 1_000_003 + start_index + start)
+            completion_ids, completion_mask_ = sample_completions(
+                model, ids.to(device), mask.to(device), sampling, eos_token_id=eos, pad_token_id=pad
+            )
+        for row, row_mask in zip(completion_ids.tolist(), completion_mask_.tolist()):
+            kept = [t for t, m in zip(row, row_mask) if m]
+            text = tokenizer.decode([t for t in kept if t != eos], skip_special_tokens=True).strip()
+            responses.append(GeneratedResponse(text, kept))
+    return responses
+
+
 def generate_texts(
     model,
     tokenizer,
@@ -129,31 +178,10 @@ def generate_texts(
     seed: int = 0,
     start_index: int = 0,
 ) -> list[str]:
-    """Generate one response per prompt and decode it, cut at EOS.
-
-    Prompts are encoded as training encodes them (`dpkd.data.encode_prompt`: the tokenizer's special
-    prefix once, then the text); longer than `max_prompt_length` tokens, they keep their last tokens
-    (the template's "### Response:" marker is at the end). Each batch is seeded from `seed` and the index of its first
-    prompt (offset by `start_index`), so a run resumed at a batch boundary draws the same samples.
-    """
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if pad is None:
-        pad = eos
-    prefix = special_prefix(tokenizer)
-    texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p, prefix, max_prompt_length) for p in prompts[start:start + batch_size]]
-        ids, mask = left_pad(encoded, pad)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed * 1_000_003 + start_index + start)
-            completion_ids, completion_mask_ = sample_completions(
-                model, ids.to(device), mask.to(device), sampling, eos_token_id=eos, pad_token_id=pad
-            )
-        for row, row_mask in zip(completion_ids.tolist(), completion_mask_.tolist()):
-            kept = [t for t, m in zip(row, row_mask) if m and t != eos]
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
-    return texts
+    """The texts of `generate_responses`: one response per prompt, decoded and cut at EOS."""
+    return [r.text for r in generate_responses(model, tokenizer, prompts, sampling, batch_size=batch_size,
+                                               max_prompt_length=max_prompt_length, seed=seed,
+                                               start_index=start_index)]
 
 
 # ---------------------------------------------------------------------------------------------------------
