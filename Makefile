@@ -1,26 +1,35 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Each creates the virtual environment when it is missing, installs the CPU build of torch 2.13.0 first
-# when torch is absent (an unpinned torch pulls gigabytes of CUDA), then the package with its extras.
+# Each creates the virtual environment when it is missing and installs the CPU build of torch 2.13.0 first
+# when torch is absent (an unpinned torch pulls gigabytes of CUDA). `make demo` then installs the package
+# alone; `make test` adds the development extras. `--no-compile`: pip would byte-compile every module of
+# every package (transformers alone has thousands); Python compiles the few that are imported instead.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --no-compile
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export THP_MEM_ALLOC_ENABLE := 1
 
-.PHONY: setup demo test lint
+.PHONY: setup setup-dev demo test lint
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,peft]'
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev,peft]'
 	touch $@
 
 setup: $(VENV)/.installed
 
+setup-dev: $(VENV)/.installed-dev
+
 demo: setup
 	$(VENV)/bin/dpkd demo
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check src tests bench
 
 test: lint

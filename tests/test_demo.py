@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from dpkd.demo import METHODS, DemoError, StageMarkers, load_demo_recipe, stage_keys
+from dpkd.demo import (
+    METHODS,
+    DemoError,
+    Stage,
+    StageMarkers,
+    load_demo_recipe,
+    resolve_parallelism,
+    run_stages,
+    stage_keys,
+    study_stages,
+    training_configs,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DPKD = [sys.executable, "-m", "dpkd"]
@@ -76,6 +87,7 @@ def _bundled_values() -> dict:
     (lambda v: v["eval"].update(seeds=[10, 10]), r"eval\.seeds"),
     (lambda v: v["student"].update(n_head=5, d_model=64), r"student\.d_model must be divisible"),
     (lambda v: v.update(threads="many"), r"threads"),
+    (lambda v: v.update(workers=0), r"workers must be 'auto' or a positive integer"),
     (lambda v: v["quick"].update(eval={"seed": [1]}), r"unknown key 'quick\.eval\.seed'"),
     (lambda v: v.pop("student"), r"missing section\(s\) student"),
 ])
@@ -121,10 +133,58 @@ def test_stage_keys_change_exactly_downstream_of_an_edited_setting():
     # Teacher samples are redone (from the cache, which the sampling settings key) when the shared settings change.
     assert changed(lambda v: v["distill"]["common"].update(max_steps=7)) == (
         runs | evals - {"eval_teacher"} | {"teacher_samples"})
+    # SFT never sees the teacher, so a new teacher leaves the SFT student as it is.
     assert changed(lambda v: v["teacher"]["training"].update(max_steps=7)) == (
-        {"teacher", "teacher_samples"} | runs | evals)
+        {"teacher", "teacher_samples"} | runs | evals) - {"train_sft", "eval_sft"}
     assert changed(lambda v: v["student"].update(d_model=32)) == {"student_init"} | runs | evals - {"eval_teacher"}
     assert changed(lambda v: v["data"].update(train=100)) == set(keys)
+
+
+@pytest.mark.parametrize("cores, workers, threads, expected", [
+    (2, "auto", "auto", (2, 1)),
+    (1, "auto", "auto", (1, 1)),
+    (8, "auto", "auto", (4, 2)),
+    (8, 3, "auto", (3, 2)),
+    (8, 1, 4, (1, 4)),
+])
+def test_workers_share_the_cores(monkeypatch, cores, workers, threads, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert resolve_parallelism(workers, threads) == expected
+
+
+def test_every_stage_waits_for_what_it_reads():
+    recipe = load_demo_recipe(None)
+    stages = study_stages(recipe.values, training_configs(recipe, Path("unused")))
+    position = {s.name: i for i, s in enumerate(stages)}
+    assert len(position) == len(stages) == 5 + 1 + 2 * len(METHODS)
+    for s in stages:
+        assert all(position[need] < position[s.name] for need in s.needs), s.name
+    by_name = {s.name: s for s in stages}
+    # The SFT student can train while the teacher does; every other method reads the teacher.
+    assert "teacher" not in by_name["train_sft"].needs
+    for m in set(METHODS) - {"sft"}:
+        assert "teacher" in by_name[f"train_{m}"].needs
+    # The two methods that read (and may add to) the shared cache of teacher samples take turns.
+    users = {s.name for s in stages if s.uses == "teacher_cache"}
+    assert users == {"train_seqkd", "train_dpkd"}
+    assert all("teacher_samples" in by_name[name].needs for name in users)
+    for m in METHODS:
+        assert by_name[f"eval_{m}"].needs == (f"train_{m}",)
+
+
+def test_a_failed_stage_stops_the_study_and_is_not_marked_done(tmp_path):
+    recipe = load_demo_recipe(None, "quick")
+    markers = StageMarkers(tmp_path)
+    stages = [Stage("data", "k-data", "generating the tasks"),
+              Stage("no_such_stage", "k-bad", "a stage that fails", needs=("data",)),
+              Stage("tokenizer", "k-tok", "training the tokenizer", needs=("no_such_stage",))]
+    lines: list[str] = []
+    with pytest.raises(ValueError, match="unknown stage 'no_such_stage'"):
+        run_stages(stages, markers, source=recipe.source, values=recipe.values, out=tmp_path, workers=2,
+                   threads=1, log=lines.append)
+    assert markers.is_done("data", "k-data") and (tmp_path / "data" / "train.jsonl").is_file()
+    assert not markers.is_done("no_such_stage", "k-bad") and not markers.is_done("tokenizer", "k-tok")
+    assert "[2/4] a stage that fails ..." in lines and "[3/4] training the tokenizer ..." not in lines
 
 
 def test_stage_marker_counts_only_for_the_same_key(tmp_path):
@@ -138,13 +198,16 @@ def test_stage_marker_counts_only_for_the_same_key(tmp_path):
 # --- the quick study, end to end ---------------------------------------------------------------------
 
 
-def _run_demo(out: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([*DPKD, "demo", "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def _run_demo(out: Path, timeout: float, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DPKD, "demo", "--quick", "--out", str(out), *options], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def _interrupt_after(out: Path, marker: str, timeout: float) -> subprocess.CompletedProcess:
-    """Start the quick demo, send SIGINT (Ctrl-C) once `stages/<marker>.done` exists, wait for it."""
+def _interrupt_after(out: Path, marker: str, timeout: float) -> tuple[subprocess.CompletedProcess, list]:
+    """Start the quick demo, send SIGINT (Ctrl-C) once `stages/<marker>.done` exists, wait for it; return
+    the finished process and the worker processes it had then."""
+    import psutil
+
     proc = subprocess.Popen([*DPKD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             # A job started in the background by a non-interactive shell (as CI may be)
@@ -157,9 +220,10 @@ def _interrupt_after(out: Path, marker: str, timeout: float) -> subprocess.Compl
             stdout, stderr = proc.communicate()
             pytest.fail(f"the demo never finished stage {marker!r}:\n{stdout}\n{stderr}")
         time.sleep(0.2)
+    workers = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), workers
 
 
 def _report_rows(report_md: str, section: str) -> list[str]:
@@ -178,9 +242,15 @@ def _report_rows(report_md: str, section: str) -> list[str]:
 def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "demo"
 
-    interrupted = _interrupt_after(out, "teacher", timeout=240)
+    import psutil
+
+    interrupted, workers = _interrupt_after(out, "teacher", timeout=240)
     assert interrupted.returncode == 130, interrupted.stderr
     assert "interrupted" in interrupted.stderr
+    # The worker processes go with the study: none is left writing into the folder.
+    assert workers
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
     teacher_weights = out / "teacher" / "model.safetensors"
     teacher_mtime = teacher_weights.stat().st_mtime_ns
 
@@ -220,3 +290,16 @@ def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_sta
     reused = [line for line in again.stdout.splitlines() if line.startswith("[")]
     assert sum("done before, reused" in line for line in reused) == 5 + 2 * len(METHODS) + 1
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")} == weights
+
+    # One worker process instead of several: the same study, to the last sampled token.
+    recipe = tmp_path / "one_worker.yaml"
+    recipe.write_text(_bundled_text().replace("workers: auto", "workers: 1"))
+    alone = _run_demo(tmp_path / "alone", 240, "--config", str(recipe))
+    assert alone.returncode == 0, alone.stderr
+    assert "1 worker process(es)" in alone.stdout
+    for name in ("teacher", *(f"runs/{m}" for m in METHODS)):
+        for seed in (10, 20, 30):
+            ours = (out / name / "eval" / "predictions" / "test" / f"seed{seed}.jsonl").read_text()
+            theirs = (tmp_path / "alone" / name / "eval" / "predictions" / "test" / f"seed{seed}.jsonl").read_text()
+            assert [json.loads(x)["prediction"] for x in ours.splitlines()] == [
+                json.loads(x)["prediction"] for x in theirs.splitlines()], (name, seed)

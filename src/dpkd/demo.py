@@ -38,6 +38,7 @@ PROFILES = ("quick", "big")
 # fields, checked by constructing the config.
 _SCHEMA: dict[str, Any] = {
     "seed": int,
+    "workers": (int, str),
     "threads": (int, str),
     "data": {"train": int, "dev": int, "test": int, "template": str, "tasks": list},
     "tokenizer": {"vocab_size": int},
@@ -48,6 +49,7 @@ _SCHEMA: dict[str, Any] = {
     "quick": dict,
     "big": dict,
 }
+_OPTIONAL = ("workers", "threads")  # default `auto`
 # Settings of every training run that the demo owns; a recipe cannot override them.
 _FIXED_TRAINING = {"output_dir", "method", "seed", "teacher_cache_dir", "save_strategy", "report_to"}
 
@@ -125,7 +127,7 @@ def load_demo_recipe(path: str | Path | None = None, profile: str | None = None)
         if profile not in raw:
             raise DemoError(f"{path}: has no {profile!r} section, so --{profile} has nothing to apply")
     values = _merge({k: v for k, v in raw.items() if k not in PROFILES}, raw.get(profile, {}) if profile else {})
-    missing = [k for k in _SCHEMA if k not in PROFILES and k not in values]
+    missing = [k for k in _SCHEMA if k not in (*PROFILES, *_OPTIONAL) and k not in values]
     if missing:
         raise DemoError(f"{path}: missing section(s) {', '.join(missing)} (see the bundled {DEFAULT_CONFIG.name})")
     recipe = DemoRecipe(source=f"{path}" + (f" --{profile}" if profile else ""), values=values)
@@ -146,9 +148,10 @@ def _check_values(recipe: DemoRecipe, where: str) -> None:
     template = v["data"].get("template")
     if template is not None and ("{instruction}" not in template or "{input}" not in template):
         raise DemoError(f"{where}: data.template must contain {{instruction}} and {{input}}")
-    threads = v["threads"]
-    if not (threads == "auto" or (isinstance(threads, int) and threads >= 1)):
-        raise DemoError(f"{where}: threads must be 'auto' or a positive integer, got {threads!r}")
+    for key in ("workers", "threads"):
+        setting = v.get(key, "auto")
+        if not (setting == "auto" or (isinstance(setting, int) and setting >= 1)):
+            raise DemoError(f"{where}: {key} must be 'auto' or a positive integer, got {setting!r}")
     for model in ("teacher", "student"):
         for key in ("d_model", "n_layer", "n_head"):
             if v[model].get(key, 0) < 1:
@@ -247,19 +250,26 @@ def stage_keys(values: dict, max_positions: int) -> dict[str, str]:
     keys["student_init"] = _digest([keys["tokenizer"], v["student"], v["seed"], max_positions])
     keys["eval_teacher"] = _digest([keys["teacher"], v["eval"]])
     keys["teacher_samples"] = _digest([keys["teacher"], v["distill"]["common"], v["eval"]["batch_size"]])
+    from dpkd.trainer import METHODS as SPECS
+
     for method, own in v["distill"]["methods"].items():
-        keys[f"train_{method}"] = _digest([keys["student_init"], keys["teacher"], v["distill"]["common"], own])
+        teacher = keys["teacher"] if SPECS[method].needs_teacher else None  # sft never sees the teacher
+        keys[f"train_{method}"] = _digest([keys["student_init"], teacher, v["distill"]["common"], own])
         keys[f"eval_{method}"] = _digest([keys[f"train_{method}"], v["eval"]])
     return keys
 
 
-def resolve_threads(setting: int | str) -> int:
-    """`auto`: the cores not already busy by the 1-minute load average (at least 1)."""
+def resolve_parallelism(workers: int | str, threads: int | str) -> tuple[int, int]:
+    """(worker processes, torch threads per worker) for the recipe's `workers` and `threads`.
+
+    `workers: auto` is one per core, at most 4 (the study rarely has more independent stages ready);
+    `threads: auto` shares the cores among the workers. Several one-thread processes beat one process
+    with several threads for models this small: the matrices are too small to split across cores.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if setting != "auto":
-        return int(setting)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    n_workers = min(cores, 4) if workers == "auto" else int(workers)
+    n_threads = max(1, cores // n_workers) if threads == "auto" else int(threads)
+    return n_workers, n_threads
 
 
 def _fresh(path: Path) -> Path:
@@ -320,6 +330,12 @@ def train(args, init_dir: Path, train_path: Path, save_to: Path, teacher_dir: Pa
     teacher = load_causal_lm(teacher_dir.resolve()) if teacher_dir is not None and args.spec.needs_teacher else None
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=load_instruction_data(str(train_path)), processing_class=tokenizer)
+    if _CHANNEL is not None:
+        # In a worker the parent draws the progress bars: replace the trainer's own bar by reports to it.
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_progress_callback())
     trainer.train()
     trainer.save_model(str(save_to))
     if Path(save_to) != Path(args.output_dir):
@@ -372,7 +388,304 @@ def results_table(rows: list[tuple[str, dict]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The study
+# The stages: what each one does, run in a worker process
+
+
+class _Layout:
+    """Where each stage writes under the output folder."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.data = out / "data"
+        self.split = {split: self.data / f"{split}.jsonl" for split in ("train", "dev", "test")}
+        self.tokenizer = out / "tokenizer"
+        self.teacher = out / "teacher"
+        self.student_init = out / "student_init"
+
+    def model(self, name: str) -> Path:
+        """The folder of `teacher` or of a method's run."""
+        return self.teacher if name == "teacher" else self.out / "runs" / name
+
+
+# Set in each worker process by `_start_worker`: the queue its progress and notes go to the parent by.
+_CHANNEL = None
+_STAGE: str | None = None
+
+
+def _note(text: str) -> None:
+    """A line for the study's log, printed by the parent under the stage's progress line."""
+    if _CHANNEL is None:
+        print(text)
+    else:
+        _CHANNEL.put(("note", _STAGE, text))
+
+
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class StageProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _CHANNEL.put(("total", _STAGE, state.max_steps))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _CHANNEL.put(("step", _STAGE, state.global_step))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                _CHANNEL.put(("loss", _STAGE, logs["loss"]))
+
+    return StageProgress()
+
+
+def _start_worker(channel, threads: int) -> None:
+    """Initialise a worker process: its torch threads, quiet libraries, and the channel to the parent."""
+    global _CHANNEL
+    import signal
+
+    # Ctrl-C reaches the whole process group; the parent alone handles it (it stops the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TQDM_DISABLE"] = "1"  # the parent draws the bars; read when tqdm is first imported
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _CHANNEL = channel
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+
+
+def run_stage(name: str, source: str, values: dict, out: str | Path) -> None:
+    """Do the stage `name` of the study described by `values` (a checked recipe) under `out`."""
+    global _STAGE
+    v = values
+    methods = list(v["distill"]["methods"])
+    known = ["data", "tokenizer", "teacher", "student_init", "teacher_samples",
+             *(f"train_{m}" for m in methods), *(f"eval_{m}" for m in ("teacher", *methods))]
+    if name not in known:
+        raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(known)}")
+    _STAGE = name
+    out = Path(out)
+    configs = training_configs(DemoRecipe(source=source, values=values), out)
+    max_positions = max(c.max_length for c in configs.values())
+    at = _Layout(out)
+    if name == "data":
+        build_data(v, _fresh(at.data))
+    elif name == "tokenizer":
+        build_tokenizer(v, at.split["train"], _fresh(at.tokenizer))
+    elif name == "teacher":
+        folder = _fresh(at.teacher)
+        n_params = build_initial_model(v["teacher"], at.tokenizer, folder / "init", v["seed"], max_positions)
+        _note(f"    teacher: {n_params / 1e6:.2f}M parameters")
+        logged = train(configs["teacher"], folder / "init", at.split["train"], folder)
+        shutil.rmtree(folder / "init")
+        # Marks the folder as the teacher for `dpkd report` (its training curve is kept out of the chart).
+        (folder / "dpkd_run.json").write_text(json.dumps(
+            {"method": "teacher", "trained_with": "sft", "max_steps": configs["teacher"].max_steps,
+             "final_loss": logged.get("train_loss")}, indent=2) + "\n")
+        dev = _summary(evaluate(folder, at.split["dev"], v["eval"], folder / "dev_greedy", greedy=True, seeds=[0]))
+        _note(f"    teacher on dev, greedy: exact match {dev['exact_match']['mean']:.1f}, "
+              f"ROUGE-L {dev['rougeL']['mean']:.1f}")
+    elif name == "student_init":
+        n_params = build_initial_model(v["student"], at.tokenizer, _fresh(at.student_init), v["seed"] + 1,
+                                       max_positions)
+        _note(f"    student: {n_params / 1e6:.2f}M parameters")
+    elif name == "teacher_samples":
+        import torch
+
+        torch.manual_seed(v["seed"])
+        first = next(m for m in v["distill"]["methods"] if configs[m].spec.family in _SAMPLED)
+        n = fill_teacher_samples(configs[first], at.teacher, at.split["train"], v["eval"]["batch_size"])
+        _note(f"    {n} teacher responses sampled")
+    elif name.startswith("train_"):
+        method = name.removeprefix("train_")
+        train(configs[method], at.student_init, at.split["train"], _fresh(at.model(method)), teacher_dir=at.teacher)
+    else:  # eval_<teacher or method>
+        folder = at.model(name.removeprefix("eval_"))
+        evaluate(folder, at.split["test"], v["eval"], folder / "eval")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study: stages in dependency order, run by a pool of worker processes
+
+
+# Methods that read the teacher's sampled responses from the shared cache (and may add to it): their
+# runs take turns, so two processes never write or compact the cache at once.
+_SAMPLED = ("teacher_samples", "preference")
+
+
+@dataclass
+class Stage:
+    name: str
+    key: str
+    title: str
+    needs: tuple[str, ...] = ()
+    uses: str | None = None  # a resource no two running stages share
+    order: int = 0  # among ready stages, the lowest starts first: the longest chain to the end goes first
+
+
+def study_stages(values: dict, configs: dict) -> list[Stage]:
+    """Every stage of the study, in the order they are numbered, with what each needs first."""
+    v = values
+    methods = list(v["distill"]["methods"])
+    keys = stage_keys(v, max(c.max_length for c in configs.values()))
+    sizes = ", ".join(f"{split} {v['data'][split]}" for split in ("train", "dev", "test"))
+    sampled = [m for m in methods if configs[m].spec.family in _SAMPLED]
+    stages = [
+        Stage("data", keys["data"], f"generating the tasks ({sizes})"),
+        Stage("tokenizer", keys["tokenizer"], "training the tokenizer", ("data",)),
+        Stage("teacher", keys["teacher"], f"training the teacher ({configs['teacher'].max_steps} steps)",
+              ("tokenizer",)),
+        Stage("student_init", keys["student_init"], "initialising the student", ("tokenizer",), order=1),
+    ]
+    if sampled:
+        stages.append(Stage("teacher_samples", keys["teacher_samples"],
+                            f"sampling the teacher's responses for {', '.join(sampled)}", ("teacher",), order=1))
+    for method in methods:
+        spec = configs[method].spec
+        needs = ("student_init",) + (("teacher",) if spec.needs_teacher else ())
+        if method in sampled:
+            needs += ("teacher_samples",)
+        # The preference methods sample from the student at every step: the longest runs start first.
+        order = 2 if spec.family == "preference" else 3
+        stages.append(Stage(f"train_{method}", keys[f"train_{method}"],
+                            f"distilling with {method} ({configs[method].max_steps} steps)", needs,
+                            uses="teacher_cache" if method in sampled else None, order=order))
+    for name in ("teacher", *methods):
+        after = "teacher" if name == "teacher" else f"train_{name}"
+        stages.append(Stage(f"eval_{name}", keys[f"eval_{name}"],
+                            f"evaluating {name} on test ({len(v['eval']['seeds'])} seeds)", (after,), order=4))
+    return stages
+
+
+class _ProgressBoard:
+    """The parent's view of the running stages: one progress bar each, and the study's log lines."""
+
+    def __init__(self, stages: list[Stage], log):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.log = log
+        self.number = {s.name: f"[{i}/{len(stages) + 1}]" for i, s in enumerate(stages, 1)}
+        self.title = {s.name: s.title for s in stages}
+        self.bars: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+        self.last_refresh = 0.0
+
+    def write(self, text: str) -> None:
+        with self._tqdm.external_write_mode():
+            self.log(text)
+
+    def start(self, name: str) -> None:
+        self.started[name] = time.perf_counter()
+        self.write(f"{self.number[name]} {self.title[name]} ...")
+        self.bars[name] = self._tqdm(desc=f"{self.number[name]} {name}", total=None, leave=False,
+                                     bar_format="{desc}: {elapsed}", dynamic_ncols=True)
+
+    def receive(self, kind: str, name: str, value) -> None:
+        bar = self.bars.get(name)
+        if kind == "note":
+            self.write(value)
+        elif bar is None:
+            return
+        elif kind == "total":
+            bar.reset(total=value)
+            bar.bar_format = None
+        elif kind == "step":
+            bar.update(value - bar.n)
+        elif kind == "loss":
+            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+
+    def tick(self) -> None:
+        """Keep the elapsed times moving, about once a second."""
+        now = time.perf_counter()
+        if now - self.last_refresh >= 1.0:
+            self.last_refresh = now
+            for bar in self.bars.values():
+                bar.refresh()
+
+    def finish(self, name: str) -> float:
+        seconds = time.perf_counter() - self.started.pop(name)
+        self.bars.pop(name).close()
+        self.write(f"{self.number[name]} {self.title[name]}: {seconds:.0f}s")
+        return seconds
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def _stop_workers(pool) -> None:
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if terminate is not None:
+        terminate()
+    else:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_stages(stages: list[Stage], markers: StageMarkers, *, source: str, values: dict, out: Path,
+               workers: int, threads: int, log=print) -> None:
+    """Run the stages not marked done, each in a worker process as soon as what it needs is done.
+
+    A stage's marker is written by this process after the stage returns, so a stage cut short by Ctrl-C
+    or an error is redone by the next run. On Ctrl-C or a failed stage the other workers are stopped.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from queue import Empty
+
+    board = _ProgressBoard(stages, log)
+    done = set()
+    for s in stages:
+        if markers.is_done(s.name, s.key):
+            log(f"{board.number[s.name]} {s.title}: done before, reused")
+            done.add(s.name)
+    todo = [s for s in stages if s.name not in done]
+    if not todo:
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process that has loaded torch
+    channel = context.Queue()
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context,
+                               initializer=_start_worker, initargs=(channel, threads))
+    running: dict = {}
+    failed = True
+    try:
+        while todo or running:
+            held = {s.uses for s in running.values() if s.uses}
+            for s in sorted(todo, key=lambda s: s.order):
+                if len(running) >= workers:
+                    break
+                if all(n in done for n in s.needs) and (s.uses is None or s.uses not in held):
+                    todo.remove(s)
+                    board.start(s.name)
+                    running[pool.submit(run_stage, s.name, source, values, str(out))] = s
+                    if s.uses:
+                        held.add(s.uses)
+            if not running:
+                raise RuntimeError(f"stages that can never start: {', '.join(s.name for s in todo)}")
+            finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    board.receive(*channel.get_nowait())
+                except Empty:
+                    break
+            board.tick()
+            for future in finished:
+                s = running.pop(future)
+                future.result()  # a stage's error stops the study here
+                seconds = board.finish(s.name)
+                markers.mark(s.name, s.key, seconds=round(seconds, 1))
+                done.add(s.name)
+        failed = False
+    finally:
+        board.close()
+        if failed:
+            _stop_workers(pool)
+        else:
+            pool.shutdown(wait=True)
 
 
 def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, profile: str | None = None,
@@ -382,109 +695,21 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, pr
     recipe = load_demo_recipe(config, profile)  # every setting is checked before any work starts
     out = Path(out).resolve()
     v = recipe.values
-
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    threads = resolve_threads(v["threads"])
-    torch.set_num_threads(threads)
-    methods = list(v["distill"]["methods"])
+    workers, threads = resolve_parallelism(v.get("workers", "auto"), v.get("threads", "auto"))
     configs = training_configs(recipe, out)
-    markers = StageMarkers(out)
-    # data, tokenizer, teacher, student init, teacher eval, report; a run and an eval per method; teacher samples
-    total = 6 + 2 * len(methods) + any(configs[m].spec.family in ("teacher_samples", "preference") for m in methods)
-    step = 0
-    log(f"dpkd demo: recipe {recipe.source}; output {out}; {threads} CPU thread(s)")
-
-    def stage(name: str, key: str, title: str, work) -> None:
-        nonlocal step
-        step += 1
-        if markers.is_done(name, key):
-            log(f"[{step}/{total}] {title}: done before, reused")
-            return
-        log(f"[{step}/{total}] {title} ...")
-        t0 = time.perf_counter()
-        work()
-        markers.mark(name, key, seconds=round(time.perf_counter() - t0, 1))
-        log(f"[{step}/{total}] {title}: {time.perf_counter() - t0:.0f}s")
-
-    data_dir = out / "data"
-    paths = {split: data_dir / f"{split}.jsonl" for split in ("train", "dev", "test")}
-    # Room in the position table for the longest prompt plus answer any run produces.
-    max_positions = max(c.max_length for c in configs.values())
-    keys = stage_keys(v, max_positions)
-    sizes = ", ".join(f"{split} {v['data'][split]}" for split in paths)
-    stage("data", keys["data"], f"generating the tasks ({sizes})", lambda: build_data(v, _fresh(data_dir)))
-
-    tokenizer_dir = out / "tokenizer"
-    stage("tokenizer", keys["tokenizer"], "training the tokenizer",
-          lambda: build_tokenizer(v, paths["train"], _fresh(tokenizer_dir)))
-
-    teacher_dir = out / "teacher"
-
-    def make_teacher() -> None:
-        folder = _fresh(teacher_dir)
-        n_params = build_initial_model(v["teacher"], tokenizer_dir, folder / "init", v["seed"], max_positions)
-        log(f"    teacher: {n_params / 1e6:.2f}M parameters")
-        logged = train(configs["teacher"], folder / "init", paths["train"], folder)
-        shutil.rmtree(folder / "init")
-        # Marks the folder as the teacher for `dpkd report` (its training curve is kept out of the chart).
-        (folder / "dpkd_run.json").write_text(json.dumps(
-            {"method": "teacher", "trained_with": "sft", "max_steps": configs["teacher"].max_steps,
-             "final_loss": logged.get("train_loss")}, indent=2) + "\n")
-        dev = evaluate(folder, paths["dev"], v["eval"], folder / "dev_greedy", greedy=True, seeds=[0])
-        log(f"    teacher on dev, greedy: exact match {_summary(dev)['exact_match']['mean']:.1f}, "
-            f"ROUGE-L {_summary(dev)['rougeL']['mean']:.1f}")
-
-    stage("teacher", keys["teacher"], f"training the teacher ({configs['teacher'].max_steps} steps)", make_teacher)
-
-    init_dir = out / "student_init"
-
-    def make_student() -> None:
-        n_params = build_initial_model(v["student"], tokenizer_dir, _fresh(init_dir), v["seed"] + 1, max_positions)
-        log(f"    student: {n_params / 1e6:.2f}M parameters")
-
-    stage("student_init", keys["student_init"], "initialising the student", make_student)
-
-    sampled = [m for m in methods if configs[m].spec.family in ("teacher_samples", "preference")]
-    if sampled:
-        def sample_teacher() -> None:
-            import torch
-
-            torch.manual_seed(v["seed"])
-            n = fill_teacher_samples(configs[sampled[0]], teacher_dir, paths["train"], v["eval"]["batch_size"])
-            log(f"    {n} teacher responses sampled")
-
-        stage("teacher_samples", keys["teacher_samples"], f"sampling the teacher's responses for {', '.join(sampled)}",
-              sample_teacher)
-
-    run_dirs = {}
-    for method in methods:
-        args = configs[method]
-        run_dir = out / "runs" / method
-        run_dirs[method] = run_dir
-
-        def distil(args=args, run_dir=run_dir) -> None:
-            _fresh(run_dir)
-            train(args, init_dir, paths["train"], run_dir, teacher_dir=teacher_dir)
-
-        stage(f"train_{method}", keys[f"train_{method}"], f"distilling with {method} ({args.max_steps} steps)", distil)
-
-    evaluated = {"teacher": teacher_dir, **run_dirs}
-    for name, folder in evaluated.items():
-        def score(folder=folder) -> None:
-            evaluate(folder, paths["test"], v["eval"], folder / "eval")
-
-        stage(f"eval_{name}", keys[f"eval_{name}"], f"evaluating {name} on test ({len(v['eval']['seeds'])} seeds)", score)
+    stages = study_stages(v, configs)
+    log(f"dpkd demo: recipe {recipe.source}; output {out}; {workers} worker process(es) × {threads} "
+        f"CPU thread(s)")
+    run_stages(stages, StageMarkers(out), source=recipe.source, values=v, out=out, workers=workers,
+               threads=threads, log=log)
 
     from dpkd.report import write_report
 
-    step += 1
-    log(f"[{step}/{total}] writing the report ...")
-    report = write_report([evaluated[name] for name in evaluated], out / "report")
-    rows = [(name, _summary(json.loads((folder / "eval" / "metrics.json").read_text())))
-            for name, folder in evaluated.items()]
+    log(f"[{len(stages) + 1}/{len(stages) + 1}] writing the report ...")
+    at = _Layout(out)
+    names = ["teacher", *v["distill"]["methods"]]
+    report = write_report([at.model(name) for name in names], out / "report")
+    rows = [(name, _summary(json.loads((at.model(name) / "eval" / "metrics.json").read_text()))) for name in names]
     table = results_table(rows)
     (out / "report" / "summary.md").write_text(
         f"Test split ({v['data']['test']} examples), mean ± std over seeds {v['eval']['seeds']}:\n\n{table}\n")
