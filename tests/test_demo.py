@@ -203,7 +203,8 @@ def _run_demo(out: Path, timeout: float, *options: str) -> subprocess.CompletedP
                           text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def _interrupt_after(out: Path, marker: str, timeout: float) -> tuple[subprocess.CompletedProcess, list]:
+def _interrupt_after(out: Path, marker: str, timeout: float,
+                     sig: int = signal.SIGINT) -> tuple[subprocess.CompletedProcess, list]:
     """Start the quick demo, send SIGINT (Ctrl-C) once `stages/<marker>.done` exists, wait for it; return
     the finished process and the worker processes it had then."""
     import psutil
@@ -221,7 +222,7 @@ def _interrupt_after(out: Path, marker: str, timeout: float) -> tuple[subprocess
             pytest.fail(f"the demo never finished stage {marker!r}:\n{stdout}\n{stderr}")
         time.sleep(0.2)
     workers = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), workers
 
@@ -236,6 +237,18 @@ def _report_rows(report_md: str, section: str) -> list[str]:
             break
         table.append(line)
     return [line.split("|")[1].strip() for line in table[2:]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_demo_leaves_no_worker_behind(tmp_path, sig):
+    import psutil
+
+    killed, workers = _interrupt_after(tmp_path / "demo", "tokenizer", timeout=120, sig=sig)
+    assert killed.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert workers
+    # SIGTERM: the demo stops its workers as on Ctrl-C; SIGKILL: each worker sees its parent gone and ends.
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
 
 
 @pytest.mark.slow

@@ -88,8 +88,9 @@ def _training_config(output_dir: str, per_device_batch: int, method: str):
     return DistillationConfig(
         output_dir=output_dir, method=method, per_device_train_batch_size=per_device_batch, max_steps=4,
         learning_rate=5e-3, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, seed=0, data_seed=0,
-        # use_cpu: on a machine without GPUs only this makes transformers join torchrun's gloo group.
-        use_cpu=True, report_to="none", save_strategy="no", max_prompt_length=32, max_length=64,
+        # No use_cpu: DistillationConfig sets it itself when several processes start without an
+        # accelerator, which is what makes transformers join the gloo group (world_size 2 below).
+        report_to="none", save_strategy="no", max_prompt_length=32, max_length=64,
         dataloader_num_workers=0,
     )
 

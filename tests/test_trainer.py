@@ -265,3 +265,33 @@ def _peaked(model, scale: float = 40.0):
 def _whole_dataset_batch(dataset: Dataset, tokenizer) -> dict[str, torch.Tensor]:
     tokenized, _ = tokenize_dataset(dataset, tokenizer, max_prompt_length=48, max_length=64)
     return DistillationCollator(tokenizer.pad_token_id, max_length=64)(list(tokenized))
+
+
+def _padding_share(trainer: DistillationTrainer, n_batches: int) -> float:
+    padded = useful = 0
+    for batch, _ in zip(trainer.get_train_dataloader(), range(n_batches)):
+        padded += batch["attention_mask"].numel()
+        useful += int(batch["attention_mask"].sum())
+    return 1 - useful / padded
+
+
+def test_group_by_length_samples_batches_of_similar_length(student_dir, tokenizer, tmp_path):
+    rng = random.Random(0)
+    examples = Dataset.from_list([
+        {"prompt": "Repeat: " + " ".join(rng.choices(WORDS, k=2)) + "\nAnswer:",
+         "completion": " " + " ".join(rng.choices(WORDS, k=rng.randint(1, 14)))}
+        for _ in range(96)])
+
+    def trainer(strategy: str) -> DistillationTrainer:
+        args = make_config(tmp_path / strategy, "sft", train_sampling_strategy=strategy, max_steps=1)
+        return DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args,
+                                   train_dataset=examples, processing_class=tokenizer)
+
+    grouped, shuffled = trainer("group_by_length"), trainer("random")
+    # The length column the samplers read is the tokenised prompt + completion (+ EOS), capped at max_length.
+    for row in grouped.train_dataset:
+        assert row["length"] == min(len(row["prompt_input_ids"]) + len(row["completion_input_ids"]), 64)
+    assert "length" not in shuffled.train_dataset.column_names
+    assert _padding_share(grouped, 24) < 0.5 * _padding_share(shuffled, 24)
+    grouped.train()
+    assert grouped.state.global_step == 1

@@ -42,7 +42,7 @@ _SCHEMA: dict[str, Any] = {
     "threads": (int, str),
     "data": {"train": int, "dev": int, "test": int, "template": str, "tasks": list},
     "tokenizer": {"vocab_size": int},
-    "teacher": {"d_model": int, "n_layer": int, "n_head": int, "training": dict},
+    "teacher": {"d_model": int, "n_layer": int, "n_head": int, "processes": int, "training": dict},
     "student": {"d_model": int, "n_layer": int, "n_head": int},
     "distill": {"common": dict, "methods": dict},
     "eval": {"seeds": list, "max_new_tokens": int, "batch_size": int},
@@ -158,6 +158,11 @@ def _check_values(recipe: DemoRecipe, where: str) -> None:
                 raise DemoError(f"{where}: {model}.{key} must be a positive integer")
         if v[model]["d_model"] % v[model]["n_head"]:
             raise DemoError(f"{where}: {model}.d_model must be divisible by {model}.n_head")
+    processes = v["teacher"].get("processes", 1)
+    batch = (v["teacher"].get("training") or {}).get("per_device_train_batch_size", 8)
+    if processes < 1 or batch % processes:
+        raise DemoError(f"{where}: teacher.processes must be a positive integer that divides "
+                        f"teacher.training.per_device_train_batch_size ({batch}), got {processes}")
     methods = v["distill"].get("methods") or {}
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -338,7 +343,7 @@ def train(args, init_dir: Path, train_path: Path, save_to: Path, teacher_dir: Pa
         trainer.add_callback(_progress_callback())
     trainer.train()
     trainer.save_model(str(save_to))
-    if Path(save_to) != Path(args.output_dir):
+    if Path(save_to) != Path(args.output_dir) and trainer.is_world_process_zero():
         tokenizer.save_pretrained(save_to)
     logged: dict = {}
     for entry in trainer.state.log_history:
@@ -437,6 +442,21 @@ def _progress_callback():
     return StageProgress()
 
 
+def _exit_with_parent() -> None:
+    """End this process as soon as its parent is gone (killed without a chance to stop its workers), so no
+    orphan goes on writing into the output folder."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _start_worker(channel, threads: int) -> None:
     """Initialise a worker process: its torch threads, quiet libraries, and the channel to the parent."""
     global _CHANNEL
@@ -444,6 +464,7 @@ def _start_worker(channel, threads: int) -> None:
 
     # Ctrl-C reaches the whole process group; the parent alone handles it (it stops the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     os.environ["TQDM_DISABLE"] = "1"  # the parent draws the bars; read when tqdm is first imported
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -477,7 +498,11 @@ def run_stage(name: str, source: str, values: dict, out: str | Path) -> None:
         folder = _fresh(at.teacher)
         n_params = build_initial_model(v["teacher"], at.tokenizer, folder / "init", v["seed"], max_positions)
         _note(f"    teacher: {n_params / 1e6:.2f}M parameters")
-        logged = train(configs["teacher"], folder / "init", at.split["train"], folder)
+        processes = v["teacher"].get("processes", 1)
+        if processes > 1 and not _has_cuda():
+            logged = train_data_parallel(processes, source, v, out)
+        else:
+            logged = train(configs["teacher"], folder / "init", at.split["train"], folder)
         shutil.rmtree(folder / "init")
         # Marks the folder as the teacher for `dpkd report` (its training curve is kept out of the chart).
         (folder / "dpkd_run.json").write_text(json.dumps(
@@ -503,6 +528,59 @@ def run_stage(name: str, source: str, values: dict, out: str | Path) -> None:
     else:  # eval_<teacher or method>
         folder = at.model(name.removeprefix("eval_"))
         evaluate(folder, at.split["test"], v["eval"], folder / "eval")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_data_parallel(processes: int, source: str, values: dict, out: Path) -> dict:
+    """Train the teacher with DDP over `processes` CPU processes (gloo), each with 1/processes of the batch.
+
+    On a CPU, separate processes use the cores far better than threads within one process for a model
+    this small: they synchronise once a step (the gradient all-reduce) instead of at every operation.
+    Returns the last logged values, as `train` does.
+    """
+    import torch.multiprocessing
+
+    torch.multiprocessing.start_processes(
+        _teacher_rank, args=(processes, _free_port(), source, values, str(out), _CHANNEL), nprocs=processes,
+        join=True, start_method="spawn")
+    state = json.loads((_Layout(out).teacher / "training" / "trainer_state.json").read_text())
+    logged: dict = {}
+    for entry in state["log_history"]:
+        logged.update(entry)
+    return logged
+
+
+def _teacher_rank(rank: int, processes: int, port: int, source: str, values: dict, out: str, channel) -> None:
+    """One process of `train_data_parallel`: rank `rank` of `processes`."""
+    global _STAGE
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes))
+    _start_worker(channel if rank == 0 else None, threads=1)
+    _STAGE = "teacher"
+    values = copy.deepcopy(values)
+    # Only the teacher's config: the first config built fixes accelerate's process state for good, and it
+    # must be one with use_cpu set, or a CPU run does not count as distributed.
+    values["distill"]["methods"] = {}
+    training = values["teacher"]["training"]
+    training["per_device_train_batch_size"] //= processes  # the recipe gives the batch of all ranks together
+    training["use_cpu"] = True
+    at = _Layout(Path(out))
+    args = training_configs(DemoRecipe(source=source, values=values), Path(out))["teacher"]
+    assert args.world_size == processes, f"the teacher's rank {rank} does not see the other ranks"
+    train(args, at.teacher / "init", at.split["train"], at.teacher)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -617,13 +695,38 @@ class _ProgressBoard:
 
 
 def _stop_workers(pool) -> None:
-    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
-    if terminate is not None:
-        terminate()
-    else:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
+    """Terminate the pool's workers and their own children (the teacher's data-parallel ranks)."""
+    import psutil
+
+    workers = [psutil.Process(p.pid) for p in list((getattr(pool, "_processes", None) or {}).values())
+               if p.is_alive()]
+    everyone = []
+    for worker in workers:
+        try:
+            everyone += [worker, *worker.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for process in everyone:
+        try:
             process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(everyone, timeout=10)
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (from the main thread only); return the one it replaces."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def run_stages(stages: list[Stage], markers: StageMarkers, *, source: str, values: dict, out: Path,
@@ -652,6 +755,8 @@ def run_stages(stages: list[Stage], markers: StageMarkers, *, source: str, value
                                initializer=_start_worker, initargs=(channel, threads))
     running: dict = {}
     failed = True
+    # `kill` (SIGTERM) stops the study as Ctrl-C does: workers stopped, finished stages kept.
+    previous_handler = _on_sigterm(_raise_keyboard_interrupt)
     try:
         while todo or running:
             held = {s.uses for s in running.values() if s.uses}
@@ -681,6 +786,7 @@ def run_stages(stages: list[Stage], markers: StageMarkers, *, source: str, value
                 done.add(s.name)
         failed = False
     finally:
+        _on_sigterm(previous_handler)
         board.close()
         if failed:
             _stop_workers(pool)

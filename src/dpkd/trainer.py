@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 import random
@@ -46,6 +47,8 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from dpkd import losses
 from dpkd.generation import SamplingConfig, build_scoring_batch, sample_completions, score_sequences
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -203,6 +206,12 @@ class DistillationConfig(TrainingArguments):
         if self.max_length <= self.max_prompt_length:
             raise ValueError(f"max_length: must be greater than max_prompt_length ({self.max_prompt_length}), "
                              f"got {self.max_length}")
+        if not self.use_cpu and _several_processes_launched() and not _accelerator_available():
+            # accelerate counts CPU processes as one distributed run only when asked for the CPU; without
+            # this, each process of `torchrun`/`accelerate launch` would train alone on the whole data.
+            logger.info("%d processes launched and no accelerator: use_cpu=True, so they train as one DDP run",
+                        int(os.environ["WORLD_SIZE"]))
+            self.use_cpu = True
         super().__post_init__()
 
     @property
@@ -216,6 +225,20 @@ class DistillationConfig(TrainingArguments):
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, do_sample=True,
                               temperature=self.sampling_temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def _several_processes_launched() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def _check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
@@ -815,15 +838,22 @@ def _prepare_dataset(dataset, tokenizer, args: DistillationConfig, name: str):
     from dpkd import data
 
     columns = set(dataset.column_names)
-    if {"prompt_input_ids", "completion_input_ids"} <= columns:
-        return dataset
-    dataset = data.load_instruction_data(dataset, template=args.template, tokenizer=tokenizer)
-    tokenized, _ = data.tokenize_dataset(dataset, tokenizer, max_prompt_length=args.max_prompt_length,
-                                         max_length=args.max_length, prompt_truncation=args.prompt_truncation)
-    if len(tokenized) == 0:
-        raise ValueError(f"{name}: no example left after tokenization (prompts over max_prompt_length="
-                         f"{args.max_prompt_length} are dropped with prompt_truncation='drop')")
-    return tokenized
+    if not {"prompt_input_ids", "completion_input_ids"} <= columns:
+        dataset = data.load_instruction_data(dataset, template=args.template, tokenizer=tokenizer)
+        dataset, _ = data.tokenize_dataset(dataset, tokenizer, max_prompt_length=args.max_prompt_length,
+                                           max_length=args.max_length, prompt_truncation=args.prompt_truncation)
+        if len(dataset) == 0:
+            raise ValueError(f"{name}: no example left after tokenization (prompts over max_prompt_length="
+                             f"{args.max_prompt_length} are dropped with prompt_truncation='drop')")
+    if getattr(args, "train_sampling_strategy", "random") != "random" and args.length_column_name not in columns:
+        # The length-aware samplers (group_by_length, batch_rebalance) read each example's length from this
+        # column; without it they look for an `input_ids` column, which this dataset does not have.
+        def length(example: dict) -> dict:
+            total = len(example["prompt_input_ids"]) + len(example["completion_input_ids"])
+            return {args.length_column_name: min(total, args.max_length)}
+
+        dataset = dataset.map(length, desc="lengths")
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------------
