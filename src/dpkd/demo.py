@@ -832,6 +832,8 @@ def demo_from_cli(args: argparse.Namespace) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     profile = "quick" if args.quick else "big" if args.big else None
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # the log keeps pace with the bars under `| tee`, too
     try:
         run_demo(args.out, args.config, profile)
     except DemoError as err:
