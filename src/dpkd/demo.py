@@ -442,29 +442,28 @@ def _progress_callback():
     return StageProgress()
 
 
-def _exit_with_parent() -> None:
-    """End this process as soon as its parent is gone (killed without a chance to stop its workers), so no
-    orphan goes on writing into the output folder."""
+def _exit_with_parent(parent: int) -> None:
+    """End this process as soon as its parent (pid `parent`, given by the parent itself: a process that
+    asked for its parent only after that one died would get the adopting process) is gone, killed without
+    a chance to stop its workers, so that no orphan goes on writing into the output folder."""
     import threading
-
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(1.0)
+            time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _start_worker(channel, threads: int) -> None:
+def _start_worker(channel, threads: int, parent: int) -> None:
     """Initialise a worker process: its torch threads, quiet libraries, and the channel to the parent."""
     global _CHANNEL
     import signal
 
     # Ctrl-C reaches the whole process group; the parent alone handles it (it stops the workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    _exit_with_parent(parent)
     os.environ["TQDM_DISABLE"] = "1"  # the parent draws the bars; read when tqdm is first imported
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -554,7 +553,8 @@ def train_data_parallel(processes: int, source: str, values: dict, out: Path) ->
     import torch.multiprocessing
 
     torch.multiprocessing.start_processes(
-        _teacher_rank, args=(processes, _free_port(), source, values, str(out), _CHANNEL), nprocs=processes,
+        _teacher_rank, args=(processes, _free_port(), source, values, str(out), _CHANNEL, os.getpid()),
+        nprocs=processes,
         join=True, start_method="spawn")
     state = json.loads((_Layout(out).teacher / "training" / "trainer_state.json").read_text())
     logged: dict = {}
@@ -563,12 +563,13 @@ def train_data_parallel(processes: int, source: str, values: dict, out: Path) ->
     return logged
 
 
-def _teacher_rank(rank: int, processes: int, port: int, source: str, values: dict, out: str, channel) -> None:
+def _teacher_rank(rank: int, processes: int, port: int, source: str, values: dict, out: str, channel,
+                  parent: int) -> None:
     """One process of `train_data_parallel`: rank `rank` of `processes`."""
     global _STAGE
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes))
-    _start_worker(channel if rank == 0 else None, threads=1)
+    _start_worker(channel if rank == 0 else None, threads=1, parent=parent)
     _STAGE = "teacher"
     values = copy.deepcopy(values)
     # Only the teacher's config: the first config built fixes accelerate's process state for good, and it
@@ -752,7 +753,7 @@ def run_stages(stages: list[Stage], markers: StageMarkers, *, source: str, value
     context = multiprocessing.get_context("spawn")  # no fork of a process that has loaded torch
     channel = context.Queue()
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context,
-                               initializer=_start_worker, initargs=(channel, threads))
+                               initializer=_start_worker, initargs=(channel, threads, os.getpid()))
     running: dict = {}
     failed = True
     # `kill` (SIGTERM) stops the study as Ctrl-C does: workers stopped, finished stages kept.
