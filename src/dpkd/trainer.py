@@ -845,7 +845,8 @@ def _prepare_dataset(dataset, tokenizer, args: DistillationConfig, name: str):
         if len(dataset) == 0:
             raise ValueError(f"{name}: no example left after tokenization (prompts over max_prompt_length="
                              f"{args.max_prompt_length} are dropped with prompt_truncation='drop')")
-    if getattr(args, "train_sampling_strategy", "random") != "random" and args.length_column_name not in columns:
+    if (getattr(args, "train_sampling_strategy", "random") != "random"
+            and args.length_column_name not in dataset.column_names):
         # The length-aware samplers (group_by_length, batch_rebalance) read each example's length from this
         # column; without it they look for an `input_ids` column, which this dataset does not have.
         def length(example: dict) -> dict:
