@@ -49,31 +49,8 @@ def child(args: argparse.Namespace) -> None:
     work = Path(args.work)
     out = work / f"run-{os.getpid()}"
     config = demo.training_configs(recipe, out)["teacher"]
-    logged = demo.train(config, work / "init", work / "data" / "train.jsonl", out / "model")
+    logged = demo.train(config, work / "teacher" / "init", work / "data" / "train.jsonl", out / "model")
     print(json.dumps({"seconds_per_step": logged["train_runtime"] / args.steps}))
-
-
-def ddp_child(rank: int, processes: int, port: int, work: str, steps: int, results) -> None:
-    import copy
-
-    from dpkd import demo
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes))
-    import torch
-
-    torch.set_num_threads(1)
-    recipe = _recipe(steps)
-    values = copy.deepcopy(recipe.values)
-    values["distill"]["methods"] = {}  # the teacher's config first, as dpkd.demo does
-    values["teacher"]["training"]["per_device_train_batch_size"] //= processes
-    values["teacher"]["training"]["use_cpu"] = True
-    recipe = demo.DemoRecipe(source=recipe.source, values=values)
-    config = demo.training_configs(recipe, Path(work) / "ddp")["teacher"]
-    assert config.world_size == processes
-    logged = demo.train(config, Path(work) / "init", Path(work) / "data" / "train.jsonl", Path(work) / "ddp")
-    if rank == 0:
-        results.put(logged["train_runtime"] / steps)
 
 
 def _spawn(work: Path, steps: int, threads: int) -> subprocess.Popen:
@@ -102,8 +79,6 @@ def main() -> None:
         child(args)
         return
 
-    import torch.multiprocessing
-
     from dpkd import demo
 
     n = args.cores
@@ -112,7 +87,8 @@ def main() -> None:
         work = Path(tmp)
         demo.build_data(recipe.values, work / "data")
         demo.build_tokenizer(recipe.values, work / "data" / "train.jsonl", work / "tokenizer")
-        demo.build_initial_model(recipe.values["teacher"], work / "tokenizer", work / "init", 0, 160)
+        # The demo's own layout under `work`, so that DDP runs through `dpkd.demo.train_data_parallel` itself.
+        demo.build_initial_model(recipe.values["teacher"], work / "tokenizer", work / "teacher" / "init", 0, 160)
         best: dict[str, float] = {}
 
         def record(name: str, value: float) -> None:
@@ -123,12 +99,8 @@ def main() -> None:
             record(f"1 process, {n} threads", _result(_spawn(work, args.steps, n)))
             side_by_side = [_spawn(work, args.steps, 1) for _ in range(n)]
             record(f"{n} processes side by side (each)", max(_result(p) for p in side_by_side))
-            context = torch.multiprocessing.get_context("spawn")
-            results = context.SimpleQueue()
-            torch.multiprocessing.start_processes(
-                ddp_child, args=(n, demo._free_port(), str(work), args.steps, results), nprocs=n, join=True,
-                start_method="spawn")
-            record(f"DDP over {n} processes", results.get())
+            logged = demo.train_data_parallel(n, recipe.source, recipe.values, work)
+            record(f"DDP over {n} processes", logged["train_runtime"] / args.steps)
 
     base = best["1 process, 1 thread"]
     print(f"# demo teacher, {args.steps} steps of 32 examples, best of {args.repeats}; {platform.processor() or platform.machine()}, "

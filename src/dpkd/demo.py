@@ -268,8 +268,8 @@ def resolve_parallelism(workers: int | str, threads: int | str) -> tuple[int, in
     """(worker processes, torch threads per worker) for the recipe's `workers` and `threads`.
 
     `workers: auto` is one per core, at most 4 (the study rarely has more independent stages ready);
-    `threads: auto` shares the cores among the workers. Several one-thread processes beat one process
-    with several threads for models this small: the matrices are too small to split across cores.
+    `threads: auto` shares the cores among the workers. For models this small, two one-thread processes
+    side by side did 1.66x the work of one, one two-thread process 1.56x (bench/demo_parallel.py).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n_workers = min(cores, 4) if workers == "auto" else int(workers)
@@ -345,8 +345,13 @@ def train(args, init_dir: Path, train_path: Path, save_to: Path, teacher_dir: Pa
     trainer.save_model(str(save_to))
     if Path(save_to) != Path(args.output_dir) and trainer.is_world_process_zero():
         tokenizer.save_pretrained(save_to)
+    return _last_logged(trainer.state.log_history)
+
+
+def _last_logged(log_history: list[dict]) -> dict:
+    """The latest value of every name a training run logged."""
     logged: dict = {}
-    for entry in trainer.state.log_history:
+    for entry in log_history:
         logged.update(entry)
     return logged
 
@@ -546,21 +551,18 @@ def _free_port() -> int:
 def train_data_parallel(processes: int, source: str, values: dict, out: Path) -> dict:
     """Train the teacher with DDP over `processes` CPU processes (gloo), each with 1/processes of the batch.
 
-    On a CPU, separate processes use the cores far better than threads within one process for a model
-    this small: they synchronise once a step (the gradient all-reduce) instead of at every operation.
-    Returns the last logged values, as `train` does.
+    Reads `<out>/data/train.jsonl` and `<out>/teacher/init`, writes the model to `<out>/teacher`; returns
+    the last logged values, as `train` does. Processes synchronise once a step (the gradient all-reduce),
+    threads at every operation: on a quiet 2-core machine two threads were a little faster, but on a
+    busy one, whose CPU time is partly stolen, threads lost and processes held up (docs/benchmarks.md).
     """
     import torch.multiprocessing
 
     torch.multiprocessing.start_processes(
         _teacher_rank, args=(processes, _free_port(), source, values, str(out), _CHANNEL, os.getpid()),
-        nprocs=processes,
-        join=True, start_method="spawn")
+        nprocs=processes, join=True, start_method="spawn")
     state = json.loads((_Layout(out).teacher / "training" / "trainer_state.json").read_text())
-    logged: dict = {}
-    for entry in state["log_history"]:
-        logged.update(entry)
-    return logged
+    return _last_logged(state["log_history"])
 
 
 def _teacher_rank(rank: int, processes: int, port: int, source: str, values: dict, out: str, channel,
