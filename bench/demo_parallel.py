@@ -31,7 +31,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def _recipe(steps: int):
-    from dpkd.demo import load_demo_recipe
+    from dpkd.study import load_demo_recipe
 
     recipe = load_demo_recipe(None)
     recipe.values["teacher"]["training"].update(max_steps=steps, disable_tqdm=True, logging_steps=steps)
@@ -42,14 +42,15 @@ def child(args: argparse.Namespace) -> None:
     """One training run; prints its seconds per step as JSON."""
     import torch
 
-    from dpkd import demo
+    from dpkd.study import training_configs
+    from dpkd.study.build import train
 
     torch.set_num_threads(args.threads)
     recipe = _recipe(args.steps)
     work = Path(args.work)
     out = work / f"run-{os.getpid()}"
-    config = demo.training_configs(recipe, out)["teacher"]
-    logged = demo.train(config, work / "teacher" / "init", work / "data" / "train.jsonl", out / "model")
+    config = training_configs(recipe, out)["teacher"]
+    logged = train(config, work / "teacher" / "init", work / "data" / "train.jsonl", out / "model")
     print(json.dumps({"seconds_per_step": logged["train_runtime"] / args.steps}))
 
 
@@ -79,16 +80,17 @@ def main() -> None:
         child(args)
         return
 
-    from dpkd import demo
+    from dpkd.study import train_data_parallel
+    from dpkd.study.build import build_data, build_initial_model, build_tokenizer
 
     n = args.cores
     recipe = _recipe(args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        demo.build_data(recipe.values, work / "data")
-        demo.build_tokenizer(recipe.values, work / "data" / "train.jsonl", work / "tokenizer")
-        # The demo's own layout under `work`, so that DDP runs through `dpkd.demo.train_data_parallel` itself.
-        demo.build_initial_model(recipe.values["teacher"], work / "tokenizer", work / "teacher" / "init", 0, 160)
+        build_data(recipe.values, work / "data")
+        build_tokenizer(recipe.values, work / "data" / "train.jsonl", work / "tokenizer")
+        # The demo's own layout under `work`, so that DDP runs through `dpkd.study.train_data_parallel` itself.
+        build_initial_model(recipe.values["teacher"], work / "tokenizer", work / "teacher" / "init", 0, 160)
         best: dict[str, float] = {}
 
         def record(name: str, value: float) -> None:
@@ -99,7 +101,7 @@ def main() -> None:
             record(f"1 process, {n} threads", _result(_spawn(work, args.steps, n)))
             side_by_side = [_spawn(work, args.steps, 1) for _ in range(n)]
             record(f"{n} processes side by side (each)", max(_result(p) for p in side_by_side))
-            logged = demo.train_data_parallel(n, recipe.source, recipe.values, work)
+            logged = train_data_parallel(n, recipe.source, recipe.values, work)
             record(f"DDP over {n} processes", logged["train_runtime"] / args.steps)
 
     base = best["1 process, 1 thread"]

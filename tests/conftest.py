@@ -14,14 +14,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One intra-op thread, here and in the subprocesses tests start: the tiny models' matrices are too small to
+# split, and a second thread spins on the other core (the trainer's steps cost several times the CPU time).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from dpkd.data_files import packaged_data_dir  # noqa: E402
 from dpkd.modeling import save_model_and_tokenizer, tiny_config, train_bpe_tokenizer  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "minillm_eval"
 
 _WORDS = (
     "the a of to and in is it you that he was for on are with as his they be at one have this from or had "
@@ -37,7 +38,7 @@ _WORDS = (
 ).split()
 
 
-def make_corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
+def _make_corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
     """Deterministic English-like text plus the Alpaca template, for training the test tokenizer."""
     rng = random.Random(seed)
     corpus = [
@@ -56,8 +57,14 @@ def make_corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")
-    train_bpe_tokenizer(make_corpus(), vocab_size=512).save_pretrained(path)
+    train_bpe_tokenizer(_make_corpus(), vocab_size=512).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def make_corpus():
+    """`make_corpus(n_sentences=400, seed=0)`: the text the test tokenizer was trained on (seed 0)."""
+    return _make_corpus
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +105,65 @@ def load_model(path):
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    """MiniLLM's evaluation sets, shipped beside the repository in ../shared/data/minillm_eval."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the bundled evaluation data is missing: {SHARED_DATA}")
-    return SHARED_DATA
+def eval_data_dir() -> Path:
+    """MiniLLM's evaluation sets as packaged with dpkd (src/dpkd/eval_data, gzip-compressed JSONL)."""
+    path = packaged_data_dir()
+    if not path.is_dir():
+        pytest.fail(f"the packaged evaluation data is missing: {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs on the tiny models: data, a fast configuration, parameter snapshots
+
+_TRAIN_WORDS = "the of and water people sound house world".split()
+
+
+def _make_dataset(n: int = 16, seed: int = 0, prompt_words: int = 3,
+                  completion_words: int | tuple[int, int] = 4):
+    """Short prompt/completion pairs (the TRL format; templates off) so the tiny models run fast.
+
+    `completion_words`: a number of words, or an inclusive (low, high) range drawn per example.
+    """
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = "Repeat: " + " ".join(rng.choices(_TRAIN_WORDS, k=prompt_words)) + "\nAnswer:"
+        k = rng.randint(*completion_words) if isinstance(completion_words, tuple) else completion_words
+        rows.append({"prompt": prompt, "completion": " " + " ".join(rng.choices(_TRAIN_WORDS, k=k))})
+    return Dataset.from_list(rows)
+
+
+def _make_config(output_dir, method: str, **overrides):
+    """A `DistillationConfig` for two CPU steps of batch 4 with short generations; `overrides` win."""
+    from dpkd.config import DistillationConfig
+
+    settings = dict(output_dir=str(output_dir), method=method, max_steps=2, per_device_train_batch_size=4,
+                    learning_rate=1e-3, max_new_tokens=8, max_prompt_length=48, max_length=64, logging_steps=1,
+                    save_steps=2, disable_tqdm=True, use_cpu=True, seed=0)
+    settings.update(overrides)
+    return DistillationConfig(**settings)
+
+
+def _parameters(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="session")
+def make_dataset():
+    """`make_dataset(n=16, seed=0, prompt_words=3, completion_words=4)` → a prompt/completion `Dataset`."""
+    return _make_dataset
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    """`make_config(output_dir, method, **overrides)` → a fast `DistillationConfig`."""
+    return _make_config
+
+
+@pytest.fixture(scope="session")
+def parameters():
+    """`parameters(model)` → {name: detached copy} of its parameters, to compare before and after."""
+    return _parameters

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,8 +14,9 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-import dpkd.data
-from dpkd.data import DataError, load_instruction_data
+import dpkd
+import dpkd.data_files
+from dpkd.data import DataError, bundled_set_path, find_data_dir, load_instruction_data, packaged_data_dir
 
 # The two Alpaca templates of MiniLLM/DPKD, written out here independently of the module's constants.
 NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -42,7 +44,8 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -70,11 +73,10 @@ def test_alpaca_rows_without_stored_prompt_get_the_alpaca_templates(tmp_path):
     assert ds["prompt"] == [NO_INPUT, WITH_INPUT]
 
 
-@pytest.mark.parametrize("name, relative", [("dolly", "dolly/valid.jsonl"), ("selfinst", "self-inst/valid.jsonl"),
-                                            ("vicuna", "vicuna/valid.jsonl"), ("sinst", "sinst/11_/valid.jsonl")])
-def test_alpaca_rendering_equals_every_stored_minillm_prompt(name, relative, shared_data_dir):
-    stored = [row["prompt"] for row in read_jsonl(shared_data_dir / relative)]
-    rendered = load_instruction_data(name, template="alpaca", data_dir=shared_data_dir)["prompt"]
+@pytest.mark.parametrize("name", ["dolly", "selfinst", "vicuna", "sinst"])
+def test_alpaca_rendering_equals_every_stored_minillm_prompt(name, eval_data_dir):
+    stored = [row["prompt"] for row in read_jsonl(bundled_set_path(name, eval_data_dir))]
+    rendered = load_instruction_data(name, template="alpaca", data_dir=eval_data_dir)["prompt"]
     assert rendered == stored
 
 
@@ -174,72 +176,104 @@ def test_save_to_disk_folder_loads(tmp_path):
 # --- the bundled evaluation sets --------------------------------------------------------------------
 
 
+# sha256 of MiniLLM's processed files (src/dpkd/eval_data/README.md), which dpkd ships gzip-compressed.
+MINILLM_SHA256 = {
+    "dolly": "f2624572fdde0bec8759e63fecefdc5e38679816464cd57ef563612ccc6acc06",
+    "dolly-dev": "a16927bf54fa96c945f267db083520301b751bdbab23c5f55f4482950bcb4f6c",
+    "selfinst": "18922e8ac8a6034ecf0ec8026e24473a30297aaa2e7182d6beb56682586af525",
+    "vicuna": "04f5fabc7e2660a778ef86f7d2779f69a8f108b892074517566b7d714a269c3a",
+    "sinst": "8c62f31543f02f3dc44ceb62436ec633ab7add9a94307a7dd1977f90378576a6",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MINILLM_SHA256))
+def test_packaged_sets_decompress_to_minillm_files_byte_for_byte(name, eval_data_dir):
+    path = bundled_set_path(name, eval_data_dir)
+    assert path.name.endswith(".jsonl.gz")
+    assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == MINILLM_SHA256[name]
+
+
+def test_package_data_globs_ship_every_file_of_the_packaged_copy():
+    tomllib = pytest.importorskip("tomllib")
+    package = Path(dpkd.__file__).parent
+    pyproject = package.parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("dpkd is installed, not run from a checkout")
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["dpkd"]
+    shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
+    packaged = {p for p in (package / "eval_data").rglob("*") if p.is_file()}
+    assert packaged and packaged <= shipped
+
+
 @pytest.mark.parametrize("name, rows", [("dolly", 500), ("selfinst", 242), ("vicuna", 80), ("sinst", 1694),
                                         ("dolly-dev", 1000)])
-def test_bundled_sets_have_the_paper_row_counts(name, rows, shared_data_dir):
-    ds = load_instruction_data(name, data_dir=shared_data_dir)
+def test_bundled_sets_have_the_paper_row_counts(name, rows, monkeypatch):
+    monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
+    ds = load_instruction_data(name)
     assert len(ds) == rows
     assert all(isinstance(p, str) and p.endswith("### Response:\n") for p in ds["prompt"])
 
 
-def test_sinst_keeps_every_reference_of_list_outputs(shared_data_dir):
-    raw = read_jsonl(shared_data_dir / "sinst/11_/valid.jsonl")
-    ds = load_instruction_data("sinst", data_dir=shared_data_dir)
+def test_sinst_keeps_every_reference_of_list_outputs(eval_data_dir):
+    raw = read_jsonl(bundled_set_path("sinst", eval_data_dir))
+    ds = load_instruction_data("sinst", data_dir=eval_data_dir)
     assert ds["references"] == [row["output"] for row in raw]
     assert max(len(refs) for refs in ds["references"]) > 1
     assert ds["completion"] == [row["output"][0] for row in raw]
 
 
-def test_default_data_dir_is_the_shared_folder_beside_the_repository(monkeypatch):
+def test_the_copy_packaged_with_dpkd_is_the_default_data_dir(monkeypatch):
     monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
+    assert find_data_dir() == packaged_data_dir() == Path(dpkd.__file__).parent / "eval_data"
+    assert bundled_set_path("vicuna") == packaged_data_dir() / "vicuna/valid.jsonl.gz"
     assert len(load_instruction_data("vicuna")) == 80
 
 
-def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch, shared_data_dir):
-    (tmp_path / "vicuna").mkdir()
-    shutil.copy(shared_data_dir / "vicuna/valid.jsonl", tmp_path / "vicuna/valid.jsonl")
-    write_jsonl(tmp_path / "vicuna/valid.jsonl", read_jsonl(tmp_path / "vicuna/valid.jsonl")[:3])
-    monkeypatch.setenv("DPKD_DATA_DIR", str(tmp_path))
+def vicuna_folder(folder: Path, rows: int, *, gzipped: bool = False) -> Path:
+    """A MiniLLM-layout data folder holding the first `rows` Vicuna questions."""
+    (folder / "vicuna").mkdir(parents=True)
+    lines = "".join(json.dumps(r) + "\n" for r in read_jsonl(bundled_set_path("vicuna", packaged_data_dir()))[:rows])
+    if gzipped:
+        (folder / "vicuna/valid.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    else:
+        (folder / "vicuna/valid.jsonl").write_text(lines, encoding="utf-8")
+    return folder
+
+
+def test_data_dir_comes_from_the_environment_and_the_argument_overrides_both(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPKD_DATA_DIR", str(vicuna_folder(tmp_path / "env", 3)))
     assert len(load_instruction_data("vicuna")) == 3
+    assert len(load_instruction_data("vicuna", data_dir=vicuna_folder(tmp_path / "arg", 2))) == 2
 
 
-def test_data_dir_is_found_beside_a_parent_of_the_current_directory(tmp_path, monkeypatch, shared_data_dir):
-    """The CI layout: the repository cloned somewhere, a copy of shared/ beside it, run from inside."""
-    data = tmp_path / "shared" / "data" / "minillm_eval"
-    (data / "vicuna").mkdir(parents=True)
-    write_jsonl(data / "vicuna/valid.jsonl", read_jsonl(shared_data_dir / "vicuna/valid.jsonl")[:2])
-    (tmp_path / "clone" / "tests").mkdir(parents=True)
-    monkeypatch.setattr(dpkd.data, "__file__", str(tmp_path / "x/elsewhere/site/dpkd/data.py"))
-    monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
-    monkeypatch.chdir(tmp_path / "clone" / "tests")
-    assert len(load_instruction_data("vicuna")) == 2
+def test_an_override_folder_holds_plain_jsonl_as_minillm_ships_it_or_gzipped_jsonl(tmp_path):
+    plain, gzipped = vicuna_folder(tmp_path / "plain", 4), vicuna_folder(tmp_path / "gz", 5, gzipped=True)
+    assert bundled_set_path("vicuna", plain) == plain / "vicuna/valid.jsonl"
+    assert len(load_instruction_data("vicuna", data_dir=plain)) == 4
+    assert len(load_instruction_data("vicuna", data_dir=gzipped)) == 5
 
 
-def test_missing_data_dir_says_where_it_looked_and_how_to_set_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(dpkd.data, "__file__", str(tmp_path / "repo/src/dpkd/data.py"))
-    monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-    searched = dpkd.data._default_data_dirs()
-    assert tmp_path / "shared" / "data" / "minillm_eval" in searched
-    # Only the places inside tmp_path: a real shared/ above it (e.g. /tmp/shared) must not hide the error.
-    monkeypatch.setattr(dpkd.data, "_default_data_dirs",
-                        lambda: [p for p in searched if tmp_path in p.parents])
-    message = error_message("dolly")
-    assert "cannot find bundled evaluation set 'dolly': looked in" in message
-    assert str(tmp_path / "shared" / "data" / "minillm_eval") in message
-    assert str(tmp_path / "repo" / "shared" / "data" / "minillm_eval") in message
-    assert "DPKD_DATA_DIR" in message and "--data-dir" in message
+def test_missing_data_dir_names_the_argument_or_variable_at_fault(tmp_path, monkeypatch):
     monkeypatch.setenv("DPKD_DATA_DIR", str(tmp_path / "nowhere"))
     assert f"$DPKD_DATA_DIR={str(tmp_path / 'nowhere')!r} is not a directory" in error_message("dolly")
+    assert f"data_dir {str(tmp_path / 'gone')!r} is not a directory" in error_message("dolly", data_dir=tmp_path / "gone")
 
 
-def test_min_response_words_and_limit(shared_data_dir):
-    raw = read_jsonl(shared_data_dir / "dolly/valid.jsonl")
+def test_a_missing_packaged_copy_says_to_reinstall_or_point_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.delenv("DPKD_DATA_DIR", raising=False)
+    monkeypatch.setattr(dpkd.data_files, "packaged_data_dir", lambda: tmp_path / "eval_data")
+    message = error_message("dolly")
+    assert f"the evaluation sets packaged with dpkd are missing ({tmp_path / 'eval_data'} does not exist)" in message
+    assert "DPKD_DATA_DIR" in message and "--data-dir" in message
+
+
+def test_min_response_words_and_limit(eval_data_dir):
+    raw = read_jsonl(bundled_set_path("dolly", eval_data_dir))
     long_enough = [row["output"] for row in raw if len(row["output"].split()) > 10]
-    ds = load_instruction_data("dolly", data_dir=shared_data_dir, min_response_words=11)
+    ds = load_instruction_data("dolly", data_dir=eval_data_dir, min_response_words=11)
     assert ds["completion"] == long_enough
     assert len(long_enough) < len(raw)
-    limited = load_instruction_data("dolly", data_dir=shared_data_dir, min_response_words=11, limit=7)
+    limited = load_instruction_data("dolly", data_dir=eval_data_dir, min_response_words=11, limit=7)
     assert limited["completion"] == long_enough[:7]
 
 
@@ -346,10 +380,26 @@ def test_unknown_bundled_name_lists_the_known_ones():
     assert "unknown bundled data set 'dolly2'; known: dolly, selfinst, vicuna, sinst, dolly-dev" in message
 
 
-def test_missing_bundled_set_says_where_it_looked_and_how_to_set_it(tmp_path):
+def test_missing_bundled_set_says_where_the_data_comes_from_and_how_to_point_elsewhere(tmp_path, monkeypatch):
     message = error_message("sinst", data_dir=tmp_path)
-    assert f"{tmp_path / 'sinst/11_/valid.jsonl'} does not exist" in message
-    assert "DPKD_DATA_DIR" in message and "--data-dir" in message
+    assert (f"{tmp_path} (from the data_dir argument (CLI: --data-dir)) holds neither sinst/11_/valid.jsonl nor "
+            "sinst/11_/valid.jsonl.gz") in message
+    assert f"MiniLLM's processed evaluation sets, packaged with dpkd in {packaged_data_dir()}" in message
+    assert "set $DPKD_DATA_DIR to a folder laid out like MiniLLM's processed data (sinst/11_/valid.jsonl)" in message
+    monkeypatch.setenv("DPKD_DATA_DIR", str(tmp_path))
+    assert f"{tmp_path} (from $DPKD_DATA_DIR) holds neither" in error_message("sinst")
+
+
+def test_gzipped_files_load_like_plain_ones_and_errors_name_the_gz_file_and_line(tmp_path):
+    good = tmp_path / "d.jsonl.gz"
+    good.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in DOLLY_ROWS).encode()))
+    assert load_instruction_data(good)["prompt"] == [NO_INPUT, WITH_INPUT]
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress((json.dumps(DOLLY_ROWS[0]) + "\n{oops\n").encode()))
+    assert f"{bad}, line 2: malformed JSON" in error_message(bad)
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(b"not gzip at all\n")
+    assert f"{broken}: not a readable gzip file" in error_message(broken)
 
 
 def test_hub_id_that_cannot_be_loaded_offline_says_what_was_tried():

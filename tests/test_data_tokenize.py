@@ -15,8 +15,8 @@ from dpkd.modeling import tiny_config
 
 
 @pytest.fixture(scope="module")
-def dolly_sample(shared_data_dir):
-    return load_instruction_data("dolly", data_dir=shared_data_dir, limit=40)
+def dolly_sample(eval_data_dir):
+    return load_instruction_data("dolly", data_dir=eval_data_dir, limit=40)
 
 
 def token_count(tokenizer, text: str) -> int:
@@ -113,8 +113,8 @@ def test_completions_are_cut_to_max_length_and_counted(tokenizer, dolly_sample):
     assert max(len(p) + len(c) for p, c in zip(ds["prompt_input_ids"], ds["completion_input_ids"])) <= max_length
 
 
-def test_tokenize_dataset_keeps_the_other_columns(tokenizer, shared_data_dir):
-    sinst = load_instruction_data("sinst", data_dir=shared_data_dir, limit=5)
+def test_tokenize_dataset_keeps_the_other_columns(tokenizer, eval_data_dir):
+    sinst = load_instruction_data("sinst", data_dir=eval_data_dir, limit=5)
     ds, _ = tokenize_dataset(sinst, tokenizer, max_prompt_length=4000, max_length=8000)
     assert ds["references"] == sinst["references"]
     assert ds.column_names == ["prompt", "completion", "references", "prompt_input_ids", "completion_input_ids"]

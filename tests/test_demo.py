@@ -1,19 +1,22 @@
-"""`dpkd demo`: the recipe is checked up front; the quick study runs end to end, survives Ctrl-C, and a
-second invocation reuses every finished stage."""
+"""`dpkd demo` (`dpkd.study`): the recipe is checked up front; the quick study runs end to end, survives
+Ctrl-C, and a second invocation reuses every finished stage; a killed study leaves no process behind."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from dpkd.demo import (
+from dpkd.study import (
     METHODS,
     DemoError,
     Stage,
@@ -140,6 +143,20 @@ def test_stage_keys_change_exactly_downstream_of_an_edited_setting():
     assert changed(lambda v: v["data"].update(train=100)) == set(keys)
 
 
+def test_stage_keys_are_those_earlier_versions_wrote_so_their_runs_resume():
+    # Pinned from the bundled quick recipe; a change here makes every existing run redo those stages, so it
+    # must come from an edited recipe, not from a refactoring of how keys are computed.
+    keys = stage_keys(load_demo_recipe(None, "quick").values, 160)
+    assert keys == {
+        "data": "bd9173a30a645daa", "tokenizer": "f8301776b2bc47e7", "teacher": "a708e464fc2b0741",
+        "student_init": "42c3c3124b2476de", "teacher_samples": "e7532a18e791a7fa",
+        "train_sft": "30a7fa5019ac210c", "train_dpkd_token": "9a7424aa94190771",
+        **{f"train_{m}": "d04edb862c775676" for m in ("kd", "seqkd", "rkl", "jsd", "dpkd")},
+        "eval_teacher": "e0bdaf6015925b8d", "eval_sft": "0cdc87d8adce85f4", "eval_dpkd_token": "e6f58e86ed9abe30",
+        **{f"eval_{m}": "d28d8db58f99bd56" for m in ("kd", "seqkd", "rkl", "jsd", "dpkd")},
+    }
+
+
 @pytest.mark.parametrize("cores, workers, threads, expected", [
     (2, "auto", "auto", (2, 1)),
     (1, "auto", "auto", (1, 1)),
@@ -178,10 +195,11 @@ def test_a_failed_stage_stops_the_study_and_is_not_marked_done(tmp_path):
     stages = [Stage("data", "k-data", "generating the tasks"),
               Stage("no_such_stage", "k-bad", "a stage that fails", needs=("data",)),
               Stage("tokenizer", "k-tok", "training the tokenizer", needs=("no_such_stage",))]
-    lines: list[str] = []
+    log = io.StringIO()
     with pytest.raises(ValueError, match="unknown stage 'no_such_stage'"):
         run_stages(stages, markers, source=recipe.source, values=recipe.values, out=tmp_path, workers=2,
-                   threads=1, log=lines.append)
+                   threads=1, log=log)
+    lines = log.getvalue().splitlines()
     assert markers.is_done("data", "k-data") and (tmp_path / "data" / "train.jsonl").is_file()
     assert not markers.is_done("no_such_stage", "k-bad") and not markers.is_done("tokenizer", "k-tok")
     assert "[2/4] a stage that fails ..." in lines and "[3/4] training the tokenizer ..." not in lines
@@ -195,36 +213,100 @@ def test_stage_marker_counts_only_for_the_same_key(tmp_path):
     assert not markers.is_done("teacher", "abd")
 
 
-# --- the quick study, end to end ---------------------------------------------------------------------
+# --- signals: a study of two stand-in stages -------------------------------------------------------
 
 
-def _run_demo(out: Path, timeout: float, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*DPKD, "demo", "--quick", "--out", str(out), *options], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def stand_in_stage(name: str, source: str, values: dict, out: str, context) -> None:
+    """The stages of the stand-in study, run in the workers: `first` returns at once; `second` starts a
+    process of its own, as the teacher's data-parallel ranks are started, says so, and never ends."""
+    if name == "second":
+        import multiprocessing
+
+        rank = multiprocessing.get_context("spawn").Process(target=_stand_in_rank, args=(os.getpid(),))
+        rank.start()
+        Path(out, "second.started").write_text(str(rank.pid))
+        time.sleep(600)
 
 
-def _interrupt_after(out: Path, marker: str, timeout: float,
-                     sig: int = signal.SIGINT) -> tuple[subprocess.CompletedProcess, list]:
-    """Start the quick demo, send SIGINT (Ctrl-C) once `stages/<marker>.done` exists, wait for it; return
-    the finished process and the worker processes it had then."""
+def _stand_in_rank(parent: int) -> None:
+    from dpkd.study.workers import WorkerContext, start_worker
+
+    start_worker(WorkerContext(None, threads=1, parent=parent))
+    time.sleep(600)
+
+
+def stand_in_demo(out, config=None, profile=None, log=None, bars=None) -> None:
+    """`run_demo` on the stand-in study instead of the recipe's."""
+    stages = [Stage("first", "k-first", "a stage that returns at once"),
+              Stage("second", "k-second", "a stage that never ends", needs=("first",))]
+    run_stages(stages, StageMarkers(Path(out)), source="stand-in", values={}, out=Path(out), workers=2, threads=1,
+               log=log, bars=bars, run=stand_in_stage)
+
+
+# `dpkd demo` as the command line runs it, on the stand-in study; the workers import `test_demo` as well.
+_STAND_IN_DEMO = textwrap.dedent("""
+    import sys
+
+    import dpkd.study
+    from dpkd.cli import main
+    from test_demo import stand_in_demo
+
+    dpkd.study.run_demo = stand_in_demo
+    sys.exit(main(["demo", "--out", sys.argv[1]]))
+""")
+
+
+def _signal_when(command: list[str], ready: Path, timeout: float,
+                 sig: int) -> tuple[subprocess.CompletedProcess, list]:
+    """Start `command`, send it `sig` once `ready` exists, wait for it; return the finished process and
+    the processes it had started by then."""
     import psutil
 
-    proc = subprocess.Popen([*DPKD, "demo", "--quick", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             # A job started in the background by a non-interactive shell (as CI may be)
                             # inherits an ignored SIGINT; give the demo the disposition a terminal gives it.
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
-    while not (out / "stages" / f"{marker}.done").exists():
+    while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             stdout, stderr = proc.communicate()
-            pytest.fail(f"the demo never finished stage {marker!r}:\n{stdout}\n{stderr}")
+            pytest.fail(f"{ready} never appeared:\n{stdout}\n{stderr}")
         time.sleep(0.2)
-    workers = psutil.Process(proc.pid).children(recursive=True)
+    started = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), workers
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), started
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_demo_leaves_no_process_behind(tmp_path, sig):
+    import psutil
+
+    killed, started = _signal_when([sys.executable, "-c", _STAND_IN_DEMO, str(tmp_path)],
+                                   tmp_path / "second.started", timeout=300, sig=sig)
+    assert killed.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL), killed.stderr
+    if sig == signal.SIGTERM:
+        assert "dpkd demo: interrupted; run the same command again" in killed.stderr
+    rank = int((tmp_path / "second.started").read_text())
+    assert rank in {p.pid for p in started}
+    # SIGTERM: the demo stops its workers and theirs as on Ctrl-C; SIGKILL: each worker sees its parent
+    # gone and ends, and so does the rank it started.
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    markers = StageMarkers(tmp_path)
+    assert markers.is_done("first", "k-first") and not markers.is_done("second", "k-second")
+
+
+# --- the quick study, end to end ---------------------------------------------------------------------
+
+
+# Timeouts are generous: on a shared 2-core machine a quick study has taken from 1 to 10 minutes.
+def _run_demo(out: Path, timeout: float, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DPKD, "demo", "--quick", "--out", str(out), *options], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def _report_rows(report_md: str, section: str) -> list[str]:
@@ -239,35 +321,66 @@ def _report_rows(report_md: str, section: str) -> list[str]:
     return [line.split("|")[1].strip() for line in table[2:]]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_killed_demo_leaves_no_worker_behind(tmp_path, sig):
-    import psutil
-
-    killed, workers = _interrupt_after(tmp_path / "demo", "tokenizer", timeout=120, sig=sig)
-    assert killed.returncode == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
-    assert workers
-    # SIGTERM: the demo stops its workers as on Ctrl-C; SIGKILL: each worker sees its parent gone and ends.
-    _, alive = psutil.wait_procs(workers, timeout=15)
-    assert not alive, [p.cmdline() for p in alive]
-
-
 @pytest.mark.slow
 def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "demo"
 
     import psutil
 
-    interrupted, workers = _interrupt_after(out, "teacher", timeout=240)
+    interrupted, workers = _signal_when([*DPKD, "demo", "--quick", "--out", str(out)], out / "stages" / "teacher.done",
+                                        timeout=600, sig=signal.SIGINT)
     assert interrupted.returncode == 130, interrupted.stderr
     assert "interrupted" in interrupted.stderr
     # The worker processes go with the study: none is left writing into the folder.
     assert workers
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
+
+    # One worker process instead of several: the same models, to the last sampled token. A reduced study,
+    # beside the rest of this one: it starts from the stages done so far (data, tokenizer, teacher, and the
+    # student initialisation if done) and runs one method of each family and every evaluation one after
+    # another in one process.
+    alone = tmp_path / "alone"
+    (alone / "stages").mkdir(parents=True)
+    for stage in ("data", "tokenizer", "teacher", "student_init"):
+        if (out / "stages" / f"{stage}.done").exists():
+            shutil.copytree(out / stage, alone / stage)
+            shutil.copy(out / "stages" / f"{stage}.done", alone / "stages")
+    shutil.rmtree(alone / "teacher" / "eval", ignore_errors=True)
+    import yaml
+
+    values = _bundled_values()
+    reduced = ("sft", "kd", "seqkd", "dpkd")
+    values["workers"] = 1
+    values["distill"]["methods"] = {m: values["distill"]["methods"][m] for m in reduced}
+    recipe = _write(tmp_path, yaml.safe_dump(values))
+    with open(tmp_path / "alone.out", "w") as stdout, open(tmp_path / "alone.err", "w") as stderr:
+        one_worker = subprocess.Popen([*DPKD, "demo", "--quick", "--out", str(alone), "--config", str(recipe)],
+                                      stdout=stdout, stderr=stderr, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        _finish_and_rerun(out)
+        one_worker.wait(timeout=600)
+    finally:
+        if one_worker.poll() is None:
+            one_worker.kill()  # its workers see it gone and end
+    assert one_worker.returncode == 0, (tmp_path / "alone.err").read_text()
+    stdout = (tmp_path / "alone.out").read_text()
+    assert "1 worker process(es)" in stdout
+    assert "training the teacher (20 steps): done before, reused" in stdout
+    for name in ("teacher", *(f"runs/{m}" for m in reduced)):
+        for seed in (10, 20, 30):
+            ours = (out / name / "eval" / "predictions" / "test" / f"seed{seed}.jsonl").read_text()
+            theirs = (alone / name / "eval" / "predictions" / "test" / f"seed{seed}.jsonl").read_text()
+            assert [json.loads(x)["prediction"] for x in ours.splitlines()] == [
+                json.loads(x)["prediction"] for x in theirs.splitlines()], (name, seed)
+
+
+def _finish_and_rerun(out: Path) -> None:
+    """Finish the interrupted quick study in `out`, check its report, and run it once more: all reused."""
     teacher_weights = out / "teacher" / "model.safetensors"
     teacher_mtime = teacher_weights.stat().st_mtime_ns
 
-    finished = _run_demo(out, timeout=240)
+    finished = _run_demo(out, timeout=600)
     assert finished.returncode == 0, finished.stderr
     assert "training the teacher (20 steps): done before, reused" in finished.stdout
     assert teacher_weights.stat().st_mtime_ns == teacher_mtime
@@ -298,21 +411,9 @@ def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_sta
     assert all(f"| {name} |" in summary for name in ("teacher", *METHODS))
 
     weights = {p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")}
-    again = _run_demo(out, timeout=120)
+    again = _run_demo(out, timeout=300)
     assert again.returncode == 0, again.stderr
     reused = [line for line in again.stdout.splitlines() if line.startswith("[")]
     assert sum("done before, reused" in line for line in reused) == 5 + 2 * len(METHODS) + 1
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")} == weights
 
-    # One worker process instead of several: the same study, to the last sampled token.
-    recipe = tmp_path / "one_worker.yaml"
-    recipe.write_text(_bundled_text().replace("workers: auto", "workers: 1"))
-    alone = _run_demo(tmp_path / "alone", 240, "--config", str(recipe))
-    assert alone.returncode == 0, alone.stderr
-    assert "1 worker process(es)" in alone.stdout
-    for name in ("teacher", *(f"runs/{m}" for m in METHODS)):
-        for seed in (10, 20, 30):
-            ours = (out / name / "eval" / "predictions" / "test" / f"seed{seed}.jsonl").read_text()
-            theirs = (tmp_path / "alone" / name / "eval" / "predictions" / "test" / f"seed{seed}.jsonl").read_text()
-            assert [json.loads(x)["prediction"] for x in ours.splitlines()] == [
-                json.loads(x)["prediction"] for x in theirs.splitlines()], (name, seed)

@@ -152,16 +152,13 @@ def _sharded_sampling(args: dict) -> dict:
 
     from dpkd.generation import (
         SamplingConfig,
-        TeacherOutputCache,
         build_scoring_batch,
-        fill_teacher_cache,
         left_pad,
-        model_fingerprint,
         sample_completions,
         score_sequences,
-        teacher_outputs,
     )
     from dpkd.modeling import shard_with_fsdp2
+    from dpkd.teacher_cache import TeacherOutputCache, fill_teacher_cache, model_fingerprint, teacher_outputs
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -10,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 import dpkd.evaluation as evaluation
 from dpkd.cli import main
@@ -25,11 +26,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_predictions_and_consistent_metrics_for_each_bundled_set(
-        student_dir, shared_data_dir, tmp_path):
+        student_dir, eval_data_dir, tmp_path):
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "dpkd", "eval", "--model", str(student_dir), "--data", ",".join(SETS),
-           "--data-dir", str(shared_data_dir), "--seeds", "10,20", "--limit", "5", "--max-new-tokens", "4",
+           "--data-dir", str(eval_data_dir), "--seeds", "10,20", "--limit", "5", "--max-new-tokens", "4",
            "--max-prompt-length", "48", "--batch-size", "5", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -40,7 +42,7 @@ def test_eval_cli_writes_predictions_and_consistent_metrics_for_each_bundled_set
     assert metrics["settings"]["sampling"] == {"max_new_tokens": 4, "do_sample": True, "temperature": 1.0,
                                                "top_k": 0, "top_p": 1.0}
     for name in SETS:
-        dataset = load_instruction_data(name, data_dir=shared_data_dir, limit=5)
+        dataset = load_instruction_data(name, data_dir=eval_data_dir, limit=5)
         result = metrics["sets"][name]
         assert result["n_examples"] == 5
         per_seed_predictions = []
@@ -80,10 +82,10 @@ CountingGenerate.real = staticmethod(evaluation.generate_responses)
 
 
 def test_rerun_after_losing_half_the_predictions_generates_only_the_missing_half(
-        student_dir, shared_data_dir, tmp_path, monkeypatch):
+        student_dir, eval_data_dir, tmp_path, monkeypatch):
     counter = CountingGenerate()
     monkeypatch.setattr(evaluation, "generate_responses", counter)
-    args = dict(data=["dolly"], seeds=[7], data_dir=shared_data_dir, limit=7, batch_size=2,
+    args = dict(data=["dolly"], seeds=[7], data_dir=eval_data_dir, limit=7, batch_size=2,
                 sampling=SamplingConfig(max_new_tokens=4), max_prompt_length=32)
     full = evaluate_model(student_dir, out_dir=tmp_path / "a", **args)
     assert counter.prompts == 7
@@ -110,10 +112,10 @@ def test_rerun_after_losing_half_the_predictions_generates_only_the_missing_half
 
 
 def test_predictions_without_token_ids_are_generated_again_from_the_first_such_line(
-        student_dir, shared_data_dir, tmp_path, monkeypatch, caplog):
+        student_dir, eval_data_dir, tmp_path, monkeypatch, caplog):
     counter = CountingGenerate()
     monkeypatch.setattr(evaluation, "generate_responses", counter)
-    args = dict(data=["dolly"], seeds=[3], data_dir=shared_data_dir, limit=5, batch_size=2,
+    args = dict(data=["dolly"], seeds=[3], data_dir=eval_data_dir, limit=5, batch_size=2,
                 sampling=SamplingConfig(max_new_tokens=4), max_prompt_length=32, out_dir=tmp_path)
     evaluate_model(student_dir, **args)
     path = tmp_path / "predictions" / "dolly" / "seed3.jsonl"
@@ -133,8 +135,8 @@ def test_predictions_without_token_ids_are_generated_again_from_the_first_such_l
     assert path.read_text(encoding="utf-8") == complete
 
 
-def test_predictions_made_otherwise_are_refused_not_overwritten(student_dir, shared_data_dir, tmp_path):
-    args = dict(data=["vicuna"], seeds=[1], data_dir=shared_data_dir, batch_size=2, max_prompt_length=32,
+def test_predictions_made_otherwise_are_refused_not_overwritten(student_dir, eval_data_dir, tmp_path):
+    args = dict(data=["vicuna"], seeds=[1], data_dir=eval_data_dir, batch_size=2, max_prompt_length=32,
                 out_dir=tmp_path)
     evaluate_model(student_dir, limit=4, sampling=SamplingConfig(max_new_tokens=3), **args)
     path = tmp_path / "predictions" / "vicuna" / "seed1.jsonl"
@@ -157,10 +159,14 @@ def test_predictions_made_otherwise_are_refused_not_overwritten(student_dir, sha
 
 
 def test_teacher_diagnostics_are_reported_per_seed_with_a_first_token_kl(
-        student_dir, teacher_dir, shared_data_dir, tmp_path):
+        student_dir, teacher_dir, eval_data_dir, tmp_path):
     metrics = evaluate_model(student_dir, teacher_dir=teacher_dir, data=["vicuna"], seeds=[1, 2],
-                             data_dir=shared_data_dir, limit=3, batch_size=3,
+                             data_dir=eval_data_dir, limit=3, batch_size=3,
                              sampling=SamplingConfig(max_new_tokens=4), max_prompt_length=32, out_dir=tmp_path)
+    # The reference: both models in float64, one example at a time (evaluation batches, pads, uses float32).
+    student, teacher = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64).eval()
+                        for d in (student_dir, teacher_dir))
+    tokenizer = load_tokenizer(student_dir)
     result = metrics["sets"]["vicuna"]
     for seed in ("1", "2"):
         teacher_records = read_jsonl(tmp_path / "teacher_predictions" / "vicuna" / f"seed{seed}.jsonl")
@@ -168,11 +174,48 @@ def test_teacher_diagnostics_are_reported_per_seed_with_a_first_token_kl(
         scores = result["per_seed"][seed]
         assert scores["teacher"] == pytest.approx(compute_metrics(
             [r["prediction"] for r in teacher_records], [r["references"] for r in teacher_records]))
-        for outputs in ("student_outputs", "teacher_outputs"):
-            assert math.isfinite(scores["implicit_reward"][outputs]["reward"])
-            assert math.isfinite(scores["implicit_reward"][outputs]["reward_per_token"])
-    assert result["reverse_kl_first_token"] > 0
+        student_records = read_jsonl(tmp_path / "predictions" / "vicuna" / f"seed{seed}.jsonl")
+        for outputs, records in (("student_outputs", student_records), ("teacher_outputs", teacher_records)):
+            expected = _implicit_rewards_float64(student, teacher, tokenizer, records, beta=0.1)
+            assert scores["implicit_reward"][outputs] == pytest.approx(expected, rel=1e-4, abs=1e-6), outputs
+    expected_kl = _first_token_reverse_kl_float64(student, teacher, tokenizer, teacher_records)
+    assert expected_kl > 0.01  # the two random models disagree, so a swapped argument or position shows
+    assert result["reverse_kl_first_token"] == pytest.approx(expected_kl, rel=1e-4)
     assert metrics["teacher"] == str(Path(teacher_dir).resolve())
+
+
+def _prompt_ids(tokenizer, prompt: str, max_prompt_length: int = 32) -> list[int]:
+    # The test tokenizer adds no special tokens, so a long prompt keeps just its last tokens.
+    return tokenizer(prompt)["input_ids"][-max_prompt_length:]
+
+
+def _implicit_rewards_float64(student, teacher, tokenizer, records, *, beta: float) -> dict[str, float]:
+    """r = β·[log q(y|x) − log p(y|x)] summed over y's tokens, from one unpadded float64 forward per pair;
+    the mean of r and of r/|y| over the records."""
+    rewards, per_token = [], []
+    for record in records:
+        prompt, response = _prompt_ids(tokenizer, record["prompt"]), record["response_ids"]
+        ids = torch.tensor([prompt + response])
+        targets = torch.tensor(response)[:, None]
+        logps = []
+        with torch.no_grad():
+            for model in (student, teacher):
+                log_probs = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+                logps.append(log_probs.gather(-1, targets).sum().item())
+        rewards.append(beta * (logps[0] - logps[1]))
+        per_token.append(rewards[-1] / len(response))
+    return {"reward": sum(rewards) / len(rewards), "reward_per_token": sum(per_token) / len(per_token)}
+
+
+def _first_token_reverse_kl_float64(student, teacher, tokenizer, records) -> float:
+    """Mean over prompts of KL(q || p) = Σ_v q(v|x)·[log q(v|x) − log p(v|x)] at the first response token."""
+    total = 0.0
+    with torch.no_grad():
+        for record in records:
+            ids = torch.tensor([_prompt_ids(tokenizer, record["prompt"])])
+            log_q, log_p = (model(ids).logits[0, -1].log_softmax(-1) for model in (student, teacher))
+            total += (log_q.exp() * (log_q - log_p)).sum().item()
+    return total / len(records)
 
 
 def _fail_if_loaded(*args, **kwargs):
@@ -188,9 +231,9 @@ def _fail_if_loaded(*args, **kwargs):
     (["--temperature", "0"], "--temperature: expected > 0"),
 ])
 def test_bad_eval_arguments_fail_clearly_before_loading_a_model(
-        argv_tail, message, student_dir, shared_data_dir, monkeypatch, capsys):
+        argv_tail, message, student_dir, eval_data_dir, monkeypatch, capsys):
     monkeypatch.setattr(evaluation, "_load_model", _fail_if_loaded)
-    argv = ["eval", "--model", str(student_dir), "--data-dir", str(shared_data_dir), *argv_tail]
+    argv = ["eval", "--model", str(student_dir), "--data-dir", str(eval_data_dir), *argv_tail]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -200,7 +243,7 @@ def _fail_if_generating(*args, **kwargs):
 
 
 def test_teacher_with_another_vocabulary_is_refused_before_loading_saying_what_differs(
-        student_dir, teacher_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
+        student_dir, teacher_dir, eval_data_dir, tmp_path, monkeypatch, capsys):
     other = tmp_path / "other-teacher"
     other.mkdir()
     shutil.copy(teacher_dir / "config.json", other / "config.json")
@@ -208,12 +251,13 @@ def test_teacher_with_another_vocabulary_is_refused_before_loading_saying_what_d
     monkeypatch.setattr(evaluation, "_load_model", _fail_if_loaded)
     monkeypatch.setattr(evaluation, "generate_responses", _fail_if_generating)
     argv = ["eval", "--model", str(student_dir), "--teacher", str(other), "--data", "vicuna",
-            "--data-dir", str(shared_data_dir), "--limit", "1"]
+            "--data-dir", str(eval_data_dir), "--limit", "1"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"--teacher: {other} and --model {student_dir} do not share a vocabulary" in err
-    # The detail of `dpkd.modeling.check_tokenizers_match` follows.
-    assert "  - tokenizer sizes differ: teacher" in err
+    # The detail of `dpkd.modeling.check_tokenizers_match` follows, on the one error line.
+    assert len(err.strip().splitlines()) == 1
+    assert "- tokenizer sizes differ: teacher" in err
     assert "tokens have different ids" in err
 
 

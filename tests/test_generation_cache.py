@@ -12,15 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from dpkd.generation import (
-    SamplingConfig,
-    TeacherOutputCache,
-    build_scoring_batch,
-    fill_teacher_cache,
-    left_pad,
-    model_fingerprint,
-    teacher_outputs,
-)
+from dpkd.generation import SamplingConfig, build_scoring_batch, left_pad
+from dpkd.teacher_cache import TeacherOutputCache, fill_teacher_cache, model_fingerprint, teacher_outputs
 
 SAMPLING = SamplingConfig(max_new_tokens=6)
 PROMPTS = [[11, 12, 13, 14], [21, 22], [31, 32, 33]]
@@ -169,14 +162,16 @@ def test_a_crash_before_the_rename_leaves_no_visible_segment(tmp_path, monkeypat
 
 _WRITER = """
 import sys
-from dpkd.generation import SamplingConfig, TeacherOutputCache
+from dpkd.generation import SamplingConfig
+from dpkd.teacher_cache import TeacherOutputCache
 cache = TeacherOutputCache(sys.argv[1], teacher_id="t", sampling=SamplingConfig(max_new_tokens=6), flush_every=500)
 print("ready", flush=True)
 for i in range(10**9):
-    cache.put([i, i + 1], list(range(1, 200)) + [0], -float(i))
+    cache.put([i, i + 1], [1, 2, 3, 4, 5, 0], -float(i))  # max_new_tokens tokens, the most an entry may have
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_only_complete_segments(tmp_path):
     process = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -198,7 +193,7 @@ def test_killed_writer_leaves_only_complete_segments(tmp_path):
     assert len(cache) >= 1000 and len(cache) % 500 == 0  # whole segments only
     for i in range(len(cache)):
         entry = cache.get([i, i + 1])
-        assert entry.teacher_logp == -float(i) and entry.completion_ids[-1] == 0 and len(entry.completion_ids) == 200
+        assert entry.teacher_logp == -float(i) and entry.completion_ids[-1] == 0 and len(entry.completion_ids) == 6
 
 
 def test_corrupt_segment_is_reported_with_file_and_line(tmp_path):

@@ -1,4 +1,7 @@
-"""Scoring completions: layout of the scoring batch and log-probs against a float64 full-forward reference."""
+"""Sampling and scoring completions: the sampler's caches, early stop and position limits; layout of the
+scoring batch and log-probs against a float64 full-forward reference."""
+
+import logging
 
 import pytest
 import torch
@@ -6,15 +9,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
+from dpkd.data import encode_prompt
 from dpkd.generation import (
     SamplingConfig,
     build_scoring_batch,
     completion_logps,
     completion_mask,
+    generate_responses,
     left_pad,
     sample_completions,
     score_sequences,
 )
+from dpkd.modeling import tiny_config
 
 PROMPTS = [[11, 12, 13, 14, 15], [21, 22], [31, 32, 33]]
 
@@ -163,3 +169,66 @@ def test_sampled_completions_score_consistently_with_generation(model_pairs, tok
     width = prompt_ids.shape[1]
     argmax = logits[:, width - 1:-1].argmax(-1)
     assert torch.equal(argmax[mask.bool()], completion_ids[mask.bool()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sampler: static and dynamic KV caches, stopping at EOS, the model's positions
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_static_and_dynamic_kv_caches_sample_the_same_tokens(model_pairs, tokenizer, arch):
+    """The static cache (the default on CUDA) decodes exactly what the dynamic one (the CPU default) does."""
+    teacher = AutoModelForCausalLM.from_pretrained(model_pairs[arch][0])
+    prompt_ids, prompt_mask = left_pad(PROMPTS, tokenizer.pad_token_id)
+    outputs = {}
+    for cache in ("static", "dynamic"):
+        torch.manual_seed(0)
+        outputs[cache] = sample_completions(teacher, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=12),
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                            cache_implementation=cache)
+    for static, dynamic in zip(outputs["static"], outputs["dynamic"]):
+        assert torch.equal(static, dynamic)
+
+
+def test_sampling_stops_once_every_sequence_has_its_eos(model_pairs, tokenizer):
+    """A model whose every next token is EOS: one forward pass (the prompt's), one token per row."""
+    model = AutoModelForCausalLM.from_pretrained(model_pairs["llama"][0])
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform logits: greedy picks token 0, which this test calls EOS
+    calls = []
+    model.model.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    prompt_ids, prompt_mask = left_pad(PROMPTS, tokenizer.pad_token_id)
+    ids, mask = sample_completions(model, prompt_ids, prompt_mask, SamplingConfig(max_new_tokens=32, do_sample=False),
+                                   eos_token_id=0, pad_token_id=tokenizer.pad_token_id)
+    assert ids.tolist() == [[0]] * len(PROMPTS) and mask.tolist() == [[1]] * len(PROMPTS)
+    assert len(calls) == 1
+
+
+def _gpt2_with_positions(tokenizer, n_positions: int):
+    torch.manual_seed(0)
+    config = tiny_config("gpt2", len(tokenizer), n_layer=1, d_model=32, n_head=2, max_positions=n_positions,
+                         eos_token_id=tokenizer.eos_token_id)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_generation_caps_new_tokens_at_the_models_positions_with_one_warning(tokenizer, caplog):
+    """A GPT-2 with 128 positions and the default 256 new tokens: responses end at 128 − prompt width."""
+    model = _gpt2_with_positions(tokenizer, 128)
+    prompts = ["Repeat: the water of people\nAnswer:", "Sort: world house sound\nAnswer:"]
+    width = max(len(encode_prompt(tokenizer, p, max_prompt_length=48)) for p in prompts)
+    with caplog.at_level(logging.WARNING, logger="dpkd.generation"):
+        for seed in (0, 1):  # two calls, one warning
+            responses = generate_responses(model, tokenizer, prompts, SamplingConfig(), max_prompt_length=48, seed=seed)
+            assert max(len(r.token_ids) for r in responses) == 128 - width
+    warnings = [r for r in caplog.records if r.name == "dpkd.generation" and "positions" in r.getMessage()]
+    assert len(warnings) == 1 and "128 positions" in warnings[0].getMessage()
+
+
+def test_prompts_that_leave_no_room_to_sample_are_refused_up_front(tokenizer):
+    model = _gpt2_with_positions(tokenizer, 16)
+    with pytest.raises(ValueError, match=r"max_prompt_length=16 .* 16 positions"):
+        generate_responses(model, tokenizer, ["Repeat: the water\nAnswer:"], SamplingConfig(), max_prompt_length=16)
+    prompt_ids, prompt_mask = left_pad([list(range(1, 17))], tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"prompts of 16 tokens .* 16 positions.*max_prompt_length below 16"):
+        sample_completions(model, prompt_ids, prompt_mask, SamplingConfig(), eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)

@@ -19,16 +19,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpkd.chunked_losses import chunked_token_loss
+from dpkd.logprobs import chunked_sequence_logps, sequence_logps
 from dpkd.losses import (
     TOKEN_LOSSES,
-    chunked_sequence_logps,
-    chunked_token_loss,
     dpkd_sequence_loss,
     dpkd_token_loss,
     forward_kl,
     generalized_jsd,
     reverse_kl,
-    sequence_logps,
     skew_forward_kl,
     skew_reverse_kl,
     soft_cross_entropy,
@@ -323,14 +322,17 @@ def test_token_losses_compute_in_float32_for_bfloat16_inputs(gen, name):
     torch.testing.assert_close(value, TOKEN_LOSSES[name](student.float(), teacher.float(), labels))
 
 
-def test_teacher_logits_from_inference_mode_can_be_used(gen):
+def test_teacher_logits_from_inference_mode_give_the_students_ordinary_gradient(gen):
     student = random_logits(gen, 2, 4, 9).requires_grad_()
     with torch.inference_mode():
         teacher = random_logits(gen, 2, 4, 9) * 1.0
     labels = random_labels(gen, 2, 4, 9)
+    ordinary_teacher = teacher.clone()  # outside inference mode: an ordinary tensor, same values
     for fn in TOKEN_LOSSES.values():
-        fn(student, teacher, labels).backward()
-    assert student.grad is not None
+        (grad,) = torch.autograd.grad(fn(student, teacher, labels), student)
+        (expected,) = torch.autograd.grad(fn(student, ordinary_teacher, labels), student)
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 def test_token_losses_reject_bad_inputs_with_clear_errors(gen):
@@ -885,5 +887,5 @@ def test_chunked_token_loss_accepts_a_teacher_run_under_inference_mode(gen):
         loss = chunked_token_loss(loss_fn, hs, ws, teacher_hidden, teacher_weight, labels, chunk_size=3)
         dense = loss_fn(hs @ ws.T, teacher_hidden @ teacher_weight.T, labels)
         torch.testing.assert_close(loss, dense, rtol=1e-5, atol=1e-5)
-        loss.backward()
-    assert hs.grad is not None and ws.grad is not None
+        for grad, dense_grad in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(dense, (hs, ws))):
+            torch.testing.assert_close(grad, dense_grad, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import make_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpkd.modeling import (
@@ -37,11 +36,20 @@ def test_load_tokenizer_pads_on_the_left_with_eos(tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == tokenizer.eos_token_id
 
-def test_identical_tokenizers_match(tokenizer_dir):
-    check_tokenizers_match(AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir),
-                           teacher_vocab_size=512, student_vocab_size=512)
+def test_identical_tokenizers_match_and_one_other_special_id_is_refused_by_name(tokenizer_dir):
+    teacher, student = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert check_tokenizers_match(teacher, student, teacher_vocab_size=512, student_vocab_size=512) is None
+    # The same token -> id map with another EOS, then another pad token: each alone is refused, by name.
+    for name, token_id in (("eos_token_id", 5), ("pad_token_id", 6)):
+        other = AutoTokenizer.from_pretrained(tokenizer_dir)
+        setattr(other, name.removesuffix("_id"), other.convert_ids_to_tokens(token_id))
+        assert other.get_vocab() == teacher.get_vocab()
+        with pytest.raises(TokenizerMismatchError) as error:
+            check_tokenizers_match(teacher, other, teacher_vocab_size=512, student_vocab_size=512)
+        problems = str(error.value).split("\n  - ")[1:]
+        assert problems == [f"{name} differs: teacher {getattr(teacher, name)}, student {token_id}"]
 
-def test_tokenizer_with_other_merges_is_refused_with_the_differing_tokens(tokenizer):
+def test_tokenizer_with_other_merges_is_refused_with_the_differing_tokens(tokenizer, make_corpus):
     other = train_bpe_tokenizer(make_corpus(seed=1)[::-1][:150], vocab_size=len(tokenizer))
     mine, theirs = tokenizer.get_vocab(), other.get_vocab()
     moved = sorted((i, t) for t, i in mine.items() if t in theirs and theirs[t] != i)

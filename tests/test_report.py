@@ -36,7 +36,7 @@ def dpkd_logs():
 
 
 @pytest.fixture(scope="module")
-def evaluated_runs(tmp_path_factory, model_pairs, shared_data_dir) -> dict[str, Path]:
+def evaluated_runs(tmp_path_factory, model_pairs, eval_data_dir) -> dict[str, Path]:
     """A teacher and two student runs (different weights), each evaluated with `dpkd eval`."""
     root = tmp_path_factory.mktemp("runs")
     teacher = make_run(root, model_pairs["llama"][0], None, None, None)
@@ -44,7 +44,7 @@ def evaluated_runs(tmp_path_factory, model_pairs, shared_data_dir) -> dict[str, 
             "sft": make_run(root, model_pairs["llama"][1], "sft", teacher, sft_logs()),
             "dpkd": make_run(root, model_pairs["gpt2"][1], "dpkd", teacher, dpkd_logs())}
     for run in runs.values():
-        assert main(["eval", "--model", str(run), "--data", "vicuna,dolly", "--data-dir", str(shared_data_dir),
+        assert main(["eval", "--model", str(run), "--data", "vicuna,dolly", "--data-dir", str(eval_data_dir),
                      "--seeds", "1,2", "--limit", "3", "--max-new-tokens", "3", "--max-prompt-length", "32"]) == 0
     return runs
 

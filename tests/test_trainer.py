@@ -6,43 +6,49 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from dpkd.config import METHODS, DistillationConfig
 from dpkd.data import DistillationCollator, tokenize_dataset
-from dpkd.trainer import METHODS, DistillationConfig, DistillationTrainer
+from dpkd.trainer import DistillationTrainer
 
-WORDS = "the of and water people sound house world".split()
-
-
-def make_dataset(n: int = 16, seed: int = 0) -> Dataset:
-    """Short prompt/completion pairs (the TRL format; templates off) so the tiny models run fast."""
-    rng = random.Random(seed)
-    return Dataset.from_list([
-        {"prompt": "Repeat: " + " ".join(rng.choices(WORDS, k=3)) + "\nAnswer:",
-         "completion": " " + " ".join(rng.choices(WORDS, k=4))}
-        for _ in range(n)
-    ])
-
-
-def make_config(output_dir, method: str, **overrides) -> DistillationConfig:
-    settings = dict(output_dir=str(output_dir), method=method, max_steps=2, per_device_train_batch_size=4,
-                    learning_rate=1e-3, max_new_tokens=8, max_prompt_length=48, max_length=64, logging_steps=1,
-                    save_steps=2, disable_tqdm=True, use_cpu=True, seed=0)
-    settings.update(overrides)
-    return DistillationConfig(**settings)
+# Each method as the paper (§4 baselines, Eq. 9) and the released code define it, written out here rather
+# than read from `METHODS`: (family, token loss, default kd_ratio, what the token loss reads from the config
+# when temperature=2, skew_alpha=0.2, beta=0.4 (0.3 for jsd, where beta is the JSD β), label_smoothing=0.05, dpkd_loss_type="ipo",
+# dpop_lambda=7).
+PAPER_METHODS = {
+    "sft": ("supervised", None, 0.0, {}),
+    "kd": ("teacher_forced", "kd", 0.5, {"temperature": 2.0}),  # 0.5·CE + 0.5·(−Σ p log q)
+    "seqkd": ("teacher_samples", None, 1.0, {}),
+    "rkl": ("teacher_forced", "rkl", 1.0, {"temperature": 2.0}),
+    "jsd": ("teacher_forced", "jsd", 1.0, {"beta": 0.3, "temperature": 2.0}),
+    "skl": ("teacher_forced", "skl", 1.0, {"alpha": 0.2, "temperature": 2.0}),
+    "srkl": ("teacher_forced", "srkl", 1.0, {"alpha": 0.2, "temperature": 2.0}),
+    "tvd": ("teacher_forced", "tvd", 1.0, {"temperature": 2.0}),
+    "dpkd_token": ("teacher_forced", "dpkd_token", 1.0,
+                   {"beta": 0.4, "label_smoothing": 0.05, "loss_type": "ipo", "dpop_lambda": 7.0}),
+    "dpkd": ("preference", None, 1.0, {}),
+}
 
 
-def parameters(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+def test_method_table_matches_the_paper_and_the_released_code(make_config, tmp_path):
+    assert list(METHODS) == list(PAPER_METHODS)
+    settings = dict(temperature=2.0, skew_alpha=0.2, label_smoothing=0.05, dpkd_loss_type="ipo", dpop_lambda=7.0)
+    for method, (family, token_loss, kd_ratio, options) in PAPER_METHODS.items():
+        args = make_config(tmp_path, method, beta=0.3 if method == "jsd" else 0.4, **settings)
+        spec = METHODS[method]
+        assert (spec.family.name, spec.token_loss, spec.kd_ratio) == (family, token_loss, kd_ratio), method
+        assert spec.loss_options(args) == options, method
+        assert spec.needs_teacher == (family != "supervised"), method
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_trains_a_few_steps_and_saves_a_loadable_model(method, model_pairs, tokenizer, tmp_path):
+def test_every_method_trains_a_few_steps_and_saves_a_loadable_model(method, model_pairs, tokenizer, tmp_path,
+                                                                    make_config, make_dataset, parameters):
     teacher_dir, student_dir = model_pairs["llama"]
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     teacher = None if method == "sft" else AutoModelForCausalLM.from_pretrained(teacher_dir)
@@ -72,7 +78,7 @@ def test_every_method_trains_a_few_steps_and_saves_a_loadable_model(method, mode
     assert (out / "trainer_state.json").is_file()
 
 
-def test_sft_loss_is_the_models_own_cross_entropy(student_dir, tokenizer, tmp_path):
+def test_sft_loss_is_the_models_own_cross_entropy(student_dir, tokenizer, tmp_path, make_config, make_dataset):
     """Reference: transformers' own shifted cross-entropy on the same (only) batch, before the first update."""
     dataset = make_dataset(n=4)
     student = AutoModelForCausalLM.from_pretrained(student_dir)
@@ -89,7 +95,7 @@ def test_sft_loss_is_the_models_own_cross_entropy(student_dir, tokenizer, tmp_pa
 
 @pytest.mark.parametrize("method, kd_ratio", [("kd", None), ("rkl", 0.3), ("jsd", 1.0), ("tvd", 0.5)])
 def test_teacher_forced_loss_equals_a_float64_reference_from_full_logits(method, kd_ratio, model_pairs, tokenizer,
-                                                                         tmp_path):
+                                                                         tmp_path, make_config, make_dataset):
     """The trainer projects only labelled positions; the reference builds every logit and masks afterwards.
     The heads are scaled up so that the random models' distributions are far from uniform and from each
     other: a position off by one or a swapped argument then changes the loss by far more than the tolerance."""
@@ -98,7 +104,7 @@ def test_teacher_forced_loss_equals_a_float64_reference_from_full_logits(method,
     reference_student, reference_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     dataset = make_dataset(n=4)
     args = make_config(tmp_path, method, max_steps=1, save_strategy="no", kd_ratio=kd_ratio, temperature=2.0,
-                       jsd_beta=0.3)
+                       **({"beta": 0.3} if method == "jsd" else {}))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                                   processing_class=tokenizer)
     trainer.train()
@@ -125,7 +131,7 @@ def test_teacher_forced_loss_equals_a_float64_reference_from_full_logits(method,
         per_token = 0.5 * (p - q).abs().sum(-1)
     distill = per_token.mean().item()
     ce = -s.log_softmax(-1).gather(-1, targets[:, None]).mean().item()
-    ratio = METHODS[method].kd_ratio if kd_ratio is None else kd_ratio
+    ratio = PAPER_METHODS[method][2] if kd_ratio is None else kd_ratio
     logged = trainer.state.log_history[0]
     assert logged["loss/distill"] == pytest.approx(distill, rel=1e-4, abs=1e-7)
     assert logged["loss"] == pytest.approx(ratio * distill + (1 - ratio) * ce, rel=1e-4, abs=1e-7)
@@ -133,7 +139,8 @@ def test_teacher_forced_loss_equals_a_float64_reference_from_full_logits(method,
         assert logged["loss/ce"] == pytest.approx(ce, rel=1e-5)
 
 
-def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(model_pairs, tokenizer, tmp_path):
+def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(model_pairs, tokenizer, tmp_path, make_config,
+                                                                     make_dataset, parameters):
     """Token losses are normalised over the whole optimizer step, not per micro-batch (SGD, so that the
     update is proportional to the gradient)."""
     teacher_dir, student_dir = model_pairs["llama"]
@@ -152,7 +159,8 @@ def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(model_pairs,
         torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_losses_above_the_vocabulary_threshold_match_the_dense_path(model_pairs, tokenizer, tmp_path):
+def test_chunked_losses_above_the_vocabulary_threshold_match_the_dense_path(model_pairs, tokenizer, tmp_path,
+                                                                             make_config, make_dataset, parameters):
     """Two SGD steps (an update proportional to the gradient, unlike Adam's first steps) from each path."""
     teacher_dir, student_dir = model_pairs["llama"]
     runs = {}
@@ -173,7 +181,8 @@ def test_chunked_losses_above_the_vocabulary_threshold_match_the_dense_path(mode
             torch.testing.assert_close(chunked[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_logs_the_documented_metrics_to_tensorboard_offline(model_pairs, tokenizer, tmp_path):
+def test_logs_the_documented_metrics_to_tensorboard_offline(model_pairs, tokenizer, tmp_path, make_config,
+                                                            make_dataset):
     teacher_dir, student_dir = model_pairs["llama"]
     args = make_config(tmp_path, "dpkd", save_strategy="no", report_to=["tensorboard"], kd_ratio=0.5,
                        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
@@ -190,7 +199,9 @@ def test_logs_the_documented_metrics_to_tensorboard_offline(model_pairs, tokeniz
     assert {"eval_rewards/margins", "eval_rkl_estimate", "eval_length/student"} <= set(evaluation)
     names = {"loss", "loss/distill", "loss/ce", "rewards/chosen", "rewards/rejected", "rewards/margins",
              "rewards/accuracies", "rkl_estimate", "length/teacher", "length/student", "generation_time_share"}
-    for entry in (e for e in trainer.state.log_history if "loss" in e):
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 2]  # one entry per optimizer step, none missing
+    for entry in logged:
         assert names <= set(entry), names - set(entry)
         assert entry["rewards/margins"] == pytest.approx(entry["rewards/chosen"] - entry["rewards/rejected"],
                                                          abs=1e-6)
@@ -205,7 +216,8 @@ def test_logs_the_documented_metrics_to_tensorboard_offline(model_pairs, tokeniz
     assert {"train/rewards/margins", "train/loss/distill", "train/rkl_estimate"} <= set(events.Tags()["scalars"])
 
 
-def test_student_scores_teacher_and_student_responses_in_one_forward_pass(model_pairs, tokenizer, tmp_path):
+def test_student_scores_teacher_and_student_responses_in_one_forward_pass(model_pairs, tokenizer, tmp_path,
+                                                                          make_config, make_dataset):
     teacher_dir, student_dir = model_pairs["llama"]
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     calls = []
@@ -222,14 +234,19 @@ def test_student_scores_teacher_and_student_responses_in_one_forward_pass(model_
     assert len(full_passes) == 1 and all(shape[0] == 4 for shape in calls if shape[0] != 8)
 
 
-def test_sft_needs_no_teacher_and_the_other_methods_do(student_dir, tokenizer, tmp_path):
-    for method, spec in METHODS.items():
+def test_sft_needs_no_teacher_and_the_other_methods_do(student_dir, tokenizer, tmp_path, make_config,
+                                                       make_dataset):
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    for method in PAPER_METHODS:
         args = make_config(tmp_path / method, method)
-        if spec.needs_teacher:
+        if method == "sft":
+            trainer = DistillationTrainer(model=student, args=args, train_dataset=make_dataset(n=4),
+                                          processing_class=tokenizer)
+            assert trainer.teacher_model is None
+        else:
             with pytest.raises(ValueError, match="teacher_model"):
-                DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args,
-                                    train_dataset=make_dataset(), processing_class=tokenizer)
-    assert [m for m, spec in METHODS.items() if not spec.needs_teacher] == ["sft"]
+                DistillationTrainer(model=student, args=args, train_dataset=make_dataset(n=4),
+                                    processing_class=tokenizer)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -275,12 +292,9 @@ def _padding_share(trainer: DistillationTrainer, n_batches: int) -> float:
     return 1 - useful / padded
 
 
-def test_group_by_length_samples_batches_of_similar_length(student_dir, tokenizer, tmp_path):
-    rng = random.Random(0)
-    examples = Dataset.from_list([
-        {"prompt": "Repeat: " + " ".join(rng.choices(WORDS, k=2)) + "\nAnswer:",
-         "completion": " " + " ".join(rng.choices(WORDS, k=rng.randint(1, 14)))}
-        for _ in range(96)])
+def test_group_by_length_samples_batches_of_similar_length(student_dir, tokenizer, tmp_path, make_config,
+                                                           make_dataset):
+    examples = make_dataset(n=96, prompt_words=2, completion_words=(1, 14))
 
     def trainer(strategy: str) -> DistillationTrainer:
         args = make_config(tmp_path / strategy, "sft", train_sampling_strategy=strategy, max_steps=1)

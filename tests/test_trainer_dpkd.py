@@ -3,34 +3,36 @@ the teacher's outputs from the cache instead of generating them again."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from datasets import Dataset
-from test_trainer import make_config, make_dataset, parameters
+from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dpkd.data import load_pretrain_chunks
-from dpkd.generation import (
-    TeacherOutputCache,
-    build_scoring_batch,
-    completion_logps,
-    left_pad,
-    model_fingerprint,
-)
+from dpkd.generation import build_scoring_batch, completion_logps, left_pad
+from dpkd.modeling import tiny_config
+from dpkd.teacher_cache import TeacherOutputCache, model_fingerprint
 from dpkd.trainer import DistillationTrainer
 
 FIXED_CONTINUATION = " the answer"
 
 
-def _trainer(tmp_path, student_dir, teacher, tokenizer, method="dpkd", dataset=None, **overrides):
-    args = make_config(tmp_path, method, **overrides)
-    return DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), teacher_model=teacher,
-                               args=args, train_dataset=make_dataset() if dataset is None else dataset,
-                               processing_class=tokenizer)
+@pytest.fixture
+def make_trainer(student_dir, tokenizer, make_config, make_dataset):
+    """`make_trainer(output_dir, teacher, method="dpkd", dataset=None, **config overrides)`: a trainer for
+    the tiny student (`make_dataset()` when no dataset is given)."""
+    def make(output_dir, teacher, method="dpkd", dataset=None, **overrides):
+        return DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), teacher_model=teacher,
+                                   args=make_config(output_dir, method, **overrides),
+                                   train_dataset=make_dataset() if dataset is None else dataset,
+                                   processing_class=tokenizer)
+    return make
 
 
 @pytest.fixture(scope="module")
-def opinionated_teacher(model_pairs, tokenizer, tmp_path_factory):
+def opinionated_teacher(model_pairs, tokenizer, tmp_path_factory, make_config, make_dataset):
     """The tiny teacher after a few SFT steps (the trainer's own `sft`) on one fixed continuation."""
     teacher_dir, _ = model_pairs["llama"]
     prompts = make_dataset(n=16)["prompt"]
@@ -46,12 +48,13 @@ def opinionated_teacher(model_pairs, tokenizer, tmp_path_factory):
 
 @pytest.mark.slow
 def test_dpkd_raises_the_students_log_prob_of_teacher_outputs_and_preference_accuracy(
-        opinionated_teacher, student_dir, tokenizer, tmp_path):
+        opinionated_teacher, tokenizer, tmp_path, make_trainer):
     runs = {}
     for name, lr in (("dpkd", 1e-2), ("control", 0.0)):
-        trainer = _trainer(tmp_path / name, student_dir, AutoModelForCausalLM.from_pretrained(opinionated_teacher),
-                           tokenizer, max_steps=30, learning_rate=lr, max_new_tokens=4, beta=0.5,
-                           teacher_cache_dir=str(tmp_path / "cache"), save_strategy="no", lr_scheduler_type="constant")
+        trainer = make_trainer(tmp_path / name, AutoModelForCausalLM.from_pretrained(opinionated_teacher),
+                               max_steps=30, learning_rate=lr, max_new_tokens=4, beta=0.5,
+                               teacher_cache_dir=str(tmp_path / "cache"), save_strategy="no",
+                               lr_scheduler_type="constant")
         trainer.train()
         last = [e for e in trainer.state.log_history if "rewards/accuracies" in e][-10:]
         runs[name] = (trainer, sum(e["rewards/accuracies"] for e in last) / len(last),
@@ -96,7 +99,8 @@ class _StopAt(TrainerCallback):
 
 @pytest.mark.parametrize("method, extra", [("dpkd", {"lm_coef": 0.5, "kd_ratio": 0.5}),
                                            ("jsd", {"lmbda": 0.5})])
-def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(method, extra, model_pairs, tokenizer, tmp_path):
+def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(method, extra, model_pairs, tokenizer, tmp_path,
+                                                                   make_config, make_dataset, parameters):
     """dpkd with a pre-training term and CE (student samples, cached teacher outputs, the pre-training
     stream), and jsd with on-policy batches (GKD's coin): everything random must continue where it was."""
     teacher_dir, student_dir = model_pairs["llama"]
@@ -126,26 +130,79 @@ def test_resumed_run_reaches_the_parameters_of_an_uninterrupted_one(method, extr
     assert losses[1][-2:] == pytest.approx(losses[0][2:], rel=1e-5)
 
 
-def test_teacher_cache_is_reused_across_runs_and_invalidated_by_teacher_prompts_or_sampling(
-        model_pairs, tokenizer, tmp_path):
-    teacher_dir, student_dir = model_pairs["llama"]
+def test_teacher_cache_is_reused_across_runs_and_methods_and_keyed_by_teacher_prompts_and_sampling(
+        teacher_dir, tmp_path, make_trainer, make_dataset):
+    """Two one-step runs share a cache; then trainers built (not trained) with one setting changed each
+    must find none of the first run's outputs. That another key is a miss in the cache itself, and that
+    other keys' entries leave the first ones intact, is `test_generation_cache.py`'s to show."""
     cache = str(tmp_path / "cache")
+    first_prompts, other_prompts = make_dataset(n=4), make_dataset(n=4, seed=1)
+    assert len(set(first_prompts["prompt"]) | set(other_prompts["prompt"])) == 8
 
-    def generations(name, *, teacher=None, method="dpkd", dataset=None, **overrides):
+    def trainer(name, *, teacher=None, method="dpkd", dataset=first_prompts, **overrides):
         teacher = teacher or AutoModelForCausalLM.from_pretrained(teacher_dir)
-        trainer = _trainer(tmp_path / name, student_dir, teacher, tokenizer, method=method, dataset=dataset,
-                           teacher_cache_dir=cache, save_strategy="no", max_steps=1, **overrides)
-        trainer.train()
-        return trainer.teacher_generations
+        return make_trainer(tmp_path / name, teacher, method=method, dataset=dataset, teacher_cache_dir=cache,
+                            save_strategy="no", max_steps=1, **overrides)
 
-    assert generations("first") == 4  # one step of four distinct prompts
-    assert generations("again") == 0
-    assert generations("seqkd-same-teacher", method="seqkd") == 0
-    assert generations("other-sampling", max_new_tokens=6) == 4
-    assert generations("other-top-p", top_p=0.9) == 4
+    def cached(built) -> int:
+        return sum(built.teacher_cache.get(list(p)) is not None for p in built.train_dataset["prompt_input_ids"])
+
+    first = trainer("first")
+    first.train()
+    assert first.teacher_generations == 4  # one step over four distinct prompts
+    # seqkd over the same cache, with two of the first run's prompts and two new ones.
+    mixed = concatenate_datasets([first_prompts.select([0, 1]), other_prompts.select([0, 1])])
+    seqkd = trainer("seqkd-same-teacher", method="seqkd", dataset=mixed)
+    assert cached(seqkd) == 2
+    seqkd.train()
+    assert seqkd.teacher_generations == 2 and cached(seqkd) == 4
+
+    assert cached(trainer("again")) == 4
     changed = AutoModelForCausalLM.from_pretrained(teacher_dir)
     with torch.no_grad():
         changed.lm_head.weight[0, 0] += 1e-3
-    assert generations("other-teacher", teacher=changed) == 4
-    assert generations("other-prompts", dataset=make_dataset(seed=1)) == 4
-    assert generations("again-at-the-end") == 0
+    assert cached(trainer("other-teacher", teacher=changed)) == 0
+    assert cached(trainer("other-max-new-tokens", max_new_tokens=6)) == 0
+    assert cached(trainer("other-top-p", top_p=0.9)) == 0
+
+
+def _gpt2_with_positions(tokenizer, n_positions: int, n_layer: int):
+    torch.manual_seed(n_layer)
+    config = tiny_config("gpt2", len(tokenizer), n_layer=n_layer, d_model=32, n_head=2, max_positions=n_positions,
+                         eos_token_id=tokenizer.eos_token_id)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_dpkd_samples_within_the_models_positions_and_warns_once_per_model(tokenizer, tmp_path, make_config,
+                                                                            make_dataset, caplog):
+    """GPT-2s with 128 positions and the default max_new_tokens of 256: both models' samples end at
+    128 − prompt width (no IndexError in the position embedding), with one warning for each model."""
+    student, teacher = _gpt2_with_positions(tokenizer, 128, 1), _gpt2_with_positions(tokenizer, 128, 2)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher,
+                                  args=make_config(tmp_path, "dpkd", max_new_tokens=256, save_strategy="no"),
+                                  train_dataset=make_dataset(), processing_class=tokenizer)
+    widths = []
+    for name in ("sample_student", "teacher_samples"):
+        method = getattr(trainer, name)
+
+        def recorded(*args, method=method, name=name):
+            ids, *rest = method(*args)
+            widths.append((name, args[-2].shape[1], ids.shape[1]))
+            return (ids, *rest)
+        setattr(trainer, name, recorded)
+    with caplog.at_level(logging.WARNING, logger="dpkd.generation"):
+        trainer.train()
+    assert {name for name, _, _ in widths} == {"sample_student", "teacher_samples"}
+    assert all(prompt + completion <= 128 for _, prompt, completion in widths), widths
+    assert any(prompt + completion == 128 for _, prompt, completion in widths), widths
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dpkd.generation" and "positions" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # one for the student, one for the teacher
+
+
+def test_a_max_prompt_length_that_leaves_no_room_to_sample_is_refused_before_training(tokenizer, tmp_path,
+                                                                                      make_config, make_dataset):
+    student, teacher = _gpt2_with_positions(tokenizer, 128, 1), _gpt2_with_positions(tokenizer, 128, 2)
+    with pytest.raises(ValueError, match=r"max_prompt_length=128 .* 128 positions"):
+        DistillationTrainer(model=student, teacher_model=teacher,
+                            args=make_config(tmp_path, "dpkd", max_prompt_length=128, max_length=160),
+                            train_dataset=make_dataset(), processing_class=tokenizer)

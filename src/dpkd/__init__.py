@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 # Heavy imports (transformers.Trainer) are deferred so that `dpkd --version` and `import dpkd.losses`
 # stay fast.
 _LAZY = {
-    "DistillationConfig": "dpkd.trainer",
+    "DistillationConfig": "dpkd.config",
     "DistillationTrainer": "dpkd.trainer",
     "load_instruction_data": "dpkd.data",
     "compute_metrics": "dpkd.evaluation",

@@ -19,13 +19,12 @@ template around one user turn), `none` (the instruction, then a blank line and t
 or a string with an `{instruction}` placeholder and optionally `{input}`.
 
 Every bad row raises `DataError` naming the file, the line (1-based; "row" for tables and `datasets`
-objects) and the field, while the data loads, before any model is touched.
+objects) and the field, while the data loads, before any model is touched. Reading files (plain or
+`.gz`) and finding the bundled evaluation sets that ship with dpkd live in `dpkd.data_files`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import string
@@ -38,11 +37,19 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
+from dpkd.data_files import (
+    BUNDLED_SETS,
+    DATA_DIR_ENV,
+    DataError,
+    bundled_set_path,
+    find_data_dir,
+    iter_sources,
+    packaged_data_dir,
+    read_dataset,
+    read_file,
+)
+
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad input data or options: the message names the file, line and field at fault."""
 
 
 ALPACA_TEMPLATE = (
@@ -56,204 +63,8 @@ ALPACA_TEMPLATE_WITH_INPUT = (
 )
 TEMPLATE_NAMES = ("auto", "alpaca", "chat", "none")
 DATA_FORMATS = ("dolly", "alpaca", "prompt_completion", "messages")
-
-# Bundled evaluation sets (MiniLLM's processed JSONL), relative to the data directory.
-BUNDLED_SETS = {
-    "dolly": "dolly/valid.jsonl",
-    "selfinst": "self-inst/valid.jsonl",
-    "vicuna": "vicuna/valid.jsonl",
-    "sinst": "sinst/11_/valid.jsonl",
-    "dolly-dev": "dolly/dev.jsonl",
-}
-DATA_DIR_ENV = "DPKD_DATA_DIR"
-_SHARED_SUBDIR = Path("shared") / "data" / "minillm_eval"
-
-_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _FORMAT_HELP = ("instruction+response[+context] (Dolly), instruction+output[+input, prompt] "
                 "(MiniLLM/Alpaca), prompt+completion (TRL), messages (chat)")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Finding the data
-
-
-def find_data_dir(data_dir: str | os.PathLike | None = None, *, wanted: str = "the bundled evaluation data"
-                  ) -> Path:
-    """The folder holding the bundled evaluation sets.
-
-    Order: the `data_dir` argument, else `$DPKD_DATA_DIR`, else the first existing
-    `shared/data/minillm_eval` beside or inside the repository this file belongs to, or beside or inside
-    the current directory or one of its parents. `wanted` names what is sought in the error message.
-    """
-    if data_dir is not None:
-        path = Path(data_dir).expanduser()
-        if not path.is_dir():
-            raise DataError(f"data_dir {str(path)!r} is not a directory")
-        return path
-    if os.environ.get(DATA_DIR_ENV):
-        path = Path(os.environ[DATA_DIR_ENV]).expanduser()
-        if not path.is_dir():
-            raise DataError(f"${DATA_DIR_ENV}={str(path)!r} is not a directory")
-        return path
-    for candidate in _default_data_dirs():
-        if candidate.is_dir():
-            return candidate
-    looked = ", ".join(str(p) for p in _default_data_dirs())
-    raise DataError(f"cannot find {wanted}: looked in {looked}. Pass data_dir= (CLI: --data-dir) or set "
-                    f"${DATA_DIR_ENV} to the folder that holds {', '.join(sorted(set(BUNDLED_SETS.values())))}")
-
-
-def _default_data_dirs() -> list[Path]:
-    repo_root = Path(__file__).resolve().parents[2]
-    bases = [repo_root.parent, repo_root]
-    cwd = Path.cwd()
-    bases += [cwd, *cwd.parents]
-    seen: list[Path] = []
-    for base in bases:
-        if base / _SHARED_SUBDIR not in seen:
-            seen.append(base / _SHARED_SUBDIR)
-    return seen
-
-
-def bundled_set_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """The JSONL file of a bundled evaluation set (`dolly`, `selfinst`, `vicuna`, `sinst`, `dolly-dev`)."""
-    if name not in BUNDLED_SETS:
-        raise DataError(f"unknown bundled data set {name!r}; known: {', '.join(BUNDLED_SETS)} "
-                        "(or pass a file or directory path)")
-    path = find_data_dir(data_dir, wanted=f"bundled evaluation set {name!r}") / BUNDLED_SETS[name]
-    if not path.is_file():
-        raise DataError(f"bundled evaluation set {name!r} not found: {path} does not exist. Pass data_dir= "
-                        f"(CLI: --data-dir) or set ${DATA_DIR_ENV} to the folder that holds {BUNDLED_SETS[name]}")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading rows: each comes with a location ("file, line N") for error messages.
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
-
-
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # several JSON values: JSON Lines under a .json name
-            yield from _read_jsonl(path)
-            return
-        if not text.strip():
-            return
-        raise DataError(f"{path}, line {err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]}-style wrappers
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    for number, record in enumerate(data, start=1):
-        yield f"{path}, record {number}", record
-
-
-def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for record in reader:
-            # Short rows give None for the missing cells: treat those fields as absent; drop surplus cells.
-            yield f"{path}, line {reader.line_num}", {k: v for k, v in record.items()
-                                                       if k is not None and v is not None}
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield f"{path}, row {number}", record
-
-
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-
-
-def _read_dataset(dataset: Dataset, name: str) -> Iterator[tuple[str, Any]]:
-    for number, record in enumerate(dataset, start=1):
-        yield f"{name}, row {number}", record
-
-
-def _pick_split(data: DatasetDict, split: str | None, name: str) -> Dataset:
-    if split is not None:
-        if split not in data:
-            raise DataError(f"{name}: no split {split!r}; splits: {', '.join(data)}")
-        return data[split]
-    if len(data) == 1:
-        return next(iter(data.values()))
-    if "train" in data:
-        return data["train"]
-    raise DataError(f"{name}: several splits ({', '.join(data)}); choose one with split=")
-
-
-def _sources(source: Any, *, data_dir: str | os.PathLike | None, split: str | None
-              ) -> Iterator[tuple[str, Iterator[tuple[str, Any]]]]:
-    """(name, rows) per underlying file or dataset; a directory yields each of its data files."""
-    if isinstance(source, DatasetDict):
-        yield "dataset", _read_dataset(_pick_split(source, split, "dataset"), "dataset")
-        return
-    if isinstance(source, Dataset):
-        yield "dataset", _read_dataset(source, "dataset")
-        return
-    if isinstance(source, Sequence) and not isinstance(source, str):
-        yield "records", ((f"record {i}", r) for i, r in enumerate(source, start=1))
-        return
-    if isinstance(source, str) and source in BUNDLED_SETS:
-        path = bundled_set_path(source, data_dir)
-        yield str(path), _read_jsonl(path)
-        return
-    path = Path(source).expanduser()
-    if path.is_file():
-        reader = _READERS.get(path.suffix.lower())
-        if reader is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(_DATA_SUFFIXES)}")
-        yield str(path), reader(path)
-        return
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            from datasets import load_from_disk
-
-            yield str(path), _read_dataset(_as_dataset(load_from_disk(str(path)), split, str(path)), str(path))
-            return
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _READERS)
-        if not files:
-            raise DataError(f"{path}: directory holds no {', '.join(_DATA_SUFFIXES)} files")
-        for file in files:
-            yield str(file), _READERS[file.suffix.lower()](file)
-        return
-    text = str(source)
-    if not isinstance(source, str) or path.suffix.lower() in _READERS or text.startswith((".", "/", "~")):
-        raise DataError(f"{text}: no such file or directory")
-    if "/" not in text:
-        raise DataError(f"unknown bundled data set {text!r}; known: {', '.join(BUNDLED_SETS)} "
-                        "(or pass a file or directory path)")
-    # Anything else `datasets` can load (a Hub id already in the local cache, a loading script).
-    from datasets import load_dataset
-
-    try:
-        loaded = load_dataset(text, split=split)
-    except Exception as err:
-        raise DataError(f"{text}: not a file, directory or bundled set (known: {', '.join(BUNDLED_SETS)}), "
-                        f"and datasets.load_dataset failed: {err}") from err
-    yield text, _read_dataset(_as_dataset(loaded, split, text), text)
-
-
-def _as_dataset(loaded: Dataset | DatasetDict, split: str | None, name: str) -> Dataset:
-    return _pick_split(loaded, split, name) if isinstance(loaded, DatasetDict) else loaded
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,9 +87,13 @@ def _check_template(template: str) -> None:
                         "{instruction}, {input} (write literal braces as {{ and }})")
 
 
+class TokenizerNeeded(DataError):
+    """Data (or a template) that is rendered with the tokenizer's chat template, and no tokenizer given."""
+
+
 def _check_chat_tokenizer(tokenizer: Any, where: str) -> None:
     if tokenizer is None:
-        raise DataError(f"{where}: the chat template needs a tokenizer: pass tokenizer=")
+        raise TokenizerNeeded(f"{where}: the chat template needs a tokenizer: pass tokenizer=")
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: the tokenizer has no chat template (tokenizer.chat_template is empty); "
                         "use another template, e.g. template='alpaca'")
@@ -427,12 +242,14 @@ def load_instruction_data(
     min_response_words: int | None = None,
     data_format: str | None = None,
     split: str | None = None,
+    dataset_config: str | None = None,
 ) -> Dataset:
     """Load instruction data into a `Dataset` with `prompt`, `completion` and `references` columns.
 
     `source`: a JSONL, JSON, CSV or parquet file; a directory (a `save_to_disk` folder, or its data files
     read in name order); a bundled evaluation set name (`dolly`, `selfinst`, `vicuna`, `sinst`,
-    `dolly-dev`, looked up in `find_data_dir(data_dir)`); anything else `datasets.load_dataset` loads; a
+    `dolly-dev`: MiniLLM's processed sets, packaged with dpkd; `data_dir`, else `$DPKD_DATA_DIR`, names
+    another folder to read them from, see `find_data_dir`); anything else `datasets.load_dataset` loads; a
     `datasets.Dataset`/`DatasetDict`; or a list of dicts. Bundled names win over same-named folders in
     the current directory (write `./dolly` for the folder).
 
@@ -444,7 +261,8 @@ def load_instruction_data(
     `min_response_words`: keep only rows whose completion has at least this many whitespace-separated
     words (the paper trains on Dolly responses longer than 10 words: 11). `limit`: the first `limit`
     rows that pass the filter. `data_format`: force a format instead of detecting it. `split`: the split
-    of a `DatasetDict` or `load_dataset` source (default: the only one, else `train`).
+    of a `DatasetDict` or `load_dataset` source (default: the only one, else `train`); `dataset_config`: the
+    configuration name of a `load_dataset` source (its `name`).
     """
     _check_template(template)
     if template == "chat":
@@ -457,7 +275,7 @@ def load_instruction_data(
     completions: list[str] = []
     references: list[list[str]] = []
     short = 0
-    for name, rows in _sources(source, data_dir=data_dir, split=split):
+    for name, rows in iter_sources(source, data_dir=data_dir, split=split, dataset_config=dataset_config):
         file_format = data_format
         seen_any = False
         for where, record in rows:
@@ -599,13 +417,13 @@ def tokenize_dataset(
         kept_prompt_ids.append(list(prompt))
         kept_completion_ids.append(completion)
     stats.kept = len(kept)
+    if not kept:
+        raise DataError(f"all {stats.total} prompts are longer than max_prompt_length={max_prompt_length} tokens; "
+                        "raise it or use prompt_truncation='left'")
     log = logger.warning if stats.dropped_long_prompts else logger.info
     log("tokenised %d examples: kept %d, dropped %d prompts longer than %d tokens, left-truncated %d prompts, "
         "cut %d completions to fit %d tokens", stats.total, stats.kept, stats.dropped_long_prompts,
         max_prompt_length, stats.left_truncated_prompts, stats.truncated_completions, max_length)
-    if not kept:
-        raise DataError(f"all {stats.total} prompts are longer than max_prompt_length={max_prompt_length} tokens; "
-                        "raise it or use prompt_truncation='left'")
     columns: dict[str, list[Any]] = {}
     for name in dataset.column_names:
         values = list(dataset[name])
@@ -686,7 +504,7 @@ def _ids(value: Any) -> list[int]:
 
 def _pretrain_documents(source: Any, text_field: str) -> Iterator[str]:
     if isinstance(source, Dataset):
-        rows: Iterator[tuple[str, Any]] = _read_dataset(source, "dataset")
+        rows: Iterator[tuple[str, Any]] = read_dataset(source, "dataset")
         yield from (_string(r, text_field, w) for w, r in rows)
         return
     paths = [Path(p).expanduser() for p in source] if isinstance(source, list | tuple) else [Path(source).expanduser()]
@@ -703,7 +521,7 @@ def _pretrain_documents(source: Any, text_field: str) -> Iterator[str]:
             raise DataError(f"{path}: no such file or directory")
     for path in files:
         if path.suffix.lower() in (".jsonl", ".json"):
-            rows = _READERS[path.suffix.lower()](path)
+            rows = read_file(path)
             count = 0
             for where, record in rows:
                 if not isinstance(record, Mapping):
@@ -759,7 +577,8 @@ def load_pretrain_chunks(
 
 
 __all__ = [
-    "ALPACA_TEMPLATE", "ALPACA_TEMPLATE_WITH_INPUT", "BUNDLED_SETS", "DataError", "DistillationCollator",
-    "TokenizationStats", "bundled_set_path", "detect_format", "encode_prompt", "find_data_dir",
-    "load_instruction_data", "load_pretrain_chunks", "special_prefix", "tokenize_dataset",
+    "ALPACA_TEMPLATE", "ALPACA_TEMPLATE_WITH_INPUT", "BUNDLED_SETS", "DATA_DIR_ENV", "DataError",
+    "DistillationCollator", "TokenizationStats", "bundled_set_path", "detect_format", "encode_prompt",
+    "find_data_dir", "load_instruction_data", "load_pretrain_chunks", "packaged_data_dir", "special_prefix",
+    "tokenize_dataset",
 ]

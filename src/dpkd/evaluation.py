@@ -9,44 +9,46 @@ Output layout of `evaluate_model(model, out_dir=OUT)`:
 
     OUT/metrics.json                            per set: per-seed values, their mean and std, settings
     OUT/predictions/<set>/seed<k>.jsonl         one line per example (text and sampled token ids), written
-                                                batch by batch
+                                                batch by batch, each with a digest of its content, the
+                                                model's fingerprint and the settings
     OUT/predictions/<set>/seed<k>.settings.json what produced that file (model, sampling, batch size)
     OUT/teacher_predictions/<set>/...           the same for the teacher's outputs (with a teacher)
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import inspect
 import json
 import logging
 import math
 import re
 import string
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from dpkd.data import BUNDLED_SETS as _BUNDLED_SET_FILES
-from dpkd.data import DataError, encode_prompt, load_instruction_data
+from dpkd.data import BUNDLED_SETS, encode_prompt, load_instruction_data
 from dpkd.generation import (
     SamplingConfig,
     build_scoring_batch,
     generate_responses,
     left_pad,
-    model_fingerprint,
     score_sequences,
 )
 from dpkd.modeling import TokenizerMismatchError, check_tokenizers_match, load_tokenizer
+from dpkd.teacher_cache import model_fingerprint, write_atomically
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_SETS = tuple(_BUNDLED_SET_FILES)
 DEFAULT_SETS = ("dolly", "selfinst", "vicuna", "sinst")
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+# Predictions files whose settings say so carry a digest per line; older ones are generated again.
+PREDICTIONS_FORMAT = 2
+# Bytes hashed per weight tensor to identify the evaluated model (see `model_fingerprint`).
+FINGERPRINT_SAMPLE_BYTES = 1 << 16
 # Reference-length buckets of the paper's Tables 4-5, in words: [0, 30), [30, 70), [70, inf).
 LENGTH_BUCKETS = (("0-30", 0, 30), ("30-70", 30, 70), ("70+", 70, math.inf))
 
@@ -188,18 +190,55 @@ def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
 
 
 def _read_records(path: Path) -> list[dict]:
-    """The complete JSON lines of a predictions file; a line cut by an interruption ends the list."""
+    """The JSON lines of a predictions file. A last line cut short (a write interrupted by an older dpkd,
+    which appended) ends the list; anything else that is not a record is an EvaluationError."""
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as error:
+        raise EvaluationError(f"{path}: not UTF-8 text (byte {error.start}), so not a predictions file dpkd "
+                              "wrote; delete it or pass another --out") from error
+    if lines and lines[-1] == "":
+        lines.pop()
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not isinstance(record, dict):
-                break
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
             records.append(record)
+        elif number == len(lines):
+            logger.info("%s: line %d is cut short (an interrupted write); generating from its batch on", path, number)
+        else:
+            raise EvaluationError(f"{path}: line {number} is not a predictions record (the file is damaged or "
+                                  "was not written by dpkd); delete it or pass another --out")
     return records
+
+
+def _read_settings(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EvaluationError(f"{path}: not a readable settings file ({error}); delete it and its predictions "
+                              "file, or pass another --out") from error
+    if not isinstance(saved, dict):
+        raise EvaluationError(f"{path}: not a settings file (expected a JSON object); delete it and its "
+                              "predictions file, or pass another --out")
+    return saved
+
+
+def _settings_key(settings: dict) -> str:
+    """What a predictions line's digest binds it to: the model's fingerprint and every setting but the path."""
+    return json.dumps({k: v for k, v in settings.items() if k != "model"}, sort_keys=True)
+
+
+def _digest(settings_key: str, record: dict) -> str:
+    body = json.dumps({k: v for k, v in record.items() if k != "digest"}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(f"{settings_key}\n{body}".encode()).hexdigest()[:24]
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _reusable_prefix(records: list[dict], prompts: Sequence[str], batch_size: int, path: Path) -> int:
@@ -255,32 +294,56 @@ def generate_predictions(
     Lines written by an older dpkd, without `response_ids`, are generated again from the first of them
     on (same seeds and settings, so normally the same texts), with a warning: re-encoding their text
     would score other tokens than were sampled.
+
+    Nothing is scored that this model did not make with these settings: each line carries a digest of its
+    content, `settings` (with the model's fingerprint) and nothing else, and a line whose digest does not
+    match (edited by hand, or copied from another model's file) is refused. A file from an older dpkd,
+    without digests, is generated again with a warning. The file is rewritten whole after each batch
+    (temporary file, then rename), so an interruption leaves the previous complete batches.
     """
     from tqdm.auto import tqdm
 
     prompts, references = list(dataset["prompt"]), list(dataset["references"])
+    settings = {**settings, "format": PREDICTIONS_FORMAT}
+    key = _settings_key(settings)
     settings_path = path.with_name(path.stem + ".settings.json")
     records: list[dict] = []
     if path.exists():
         if not settings_path.exists():
             raise EvaluationError(f"{path}: exists without {settings_path.name}, so what produced it is "
                                   "unknown; delete the file or pass another --out")
-        saved = json.loads(settings_path.read_text())
+        saved = _read_settings(settings_path)
         # The model path is informative only: the fingerprint identifies the model.
         differing = sorted(k for k in set(settings) | set(saved)
-                           if k != "model" and saved.get(k) != settings.get(k))
+                           if k not in ("model", "model_fingerprint", "format") and saved.get(k) != settings.get(k))
         if differing:
             raise EvaluationError(
                 f"{path}: predictions made with other settings (differ in: {', '.join(differing)}); "
                 "delete the file or pass another --out"
             )
-        records = _read_records(path)
+        if saved.get("format") != PREDICTIONS_FORMAT:
+            logger.warning("%s: written by an older dpkd, without a digest per line, so it cannot be checked; "
+                           "generating it again", path)
+        elif saved.get("model_fingerprint") != settings["model_fingerprint"]:
+            raise EvaluationError(
+                f"{path}: predictions made by another model (fingerprint {saved.get('model_fingerprint')}, this "
+                f"model's is {settings['model_fingerprint']}); delete the file or pass another --out"
+            )
+        else:
+            records = _read_records(path)
         without_ids = next((i for i, r in enumerate(records) if not _has_response_ids(r)), None)
         if without_ids is not None and without_ids < len(prompts):
             logger.warning("%s: lines from %d on have no generated token ids (written by an older dpkd); "
                            "generating them again", path, without_ids + 1)
             records = records[:without_ids]
         kept = _reusable_prefix(records, prompts, batch_size, path)
+        for r in records[:kept]:
+            if r.get("digest") != _digest(key, r):
+                raise EvaluationError(
+                    f"{path}: line {r['index'] + 1} is not what this model made with these settings (its digest "
+                    "does not match: edited by hand, or copied from another run), so the file is not scored; "
+                    "delete it or pass another --out"
+                )
         if kept == len(prompts):
             # Complete (possibly for a larger --limit too): nothing to generate, the file stays as it is.
             return [r["prediction"] for r in records[:kept]], [r["response_ids"] for r in records[:kept]]
@@ -288,26 +351,24 @@ def generate_predictions(
         if kept:
             logger.info("%s: resuming after %d of %d predictions", path, kept, len(prompts))
     path.parent.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
-    with path.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        bar = tqdm(total=len(prompts), initial=len(records), desc=progress_label, unit="ex", leave=False)
-        for start in range(len(records), len(prompts), batch_size):
-            end = min(start + batch_size, len(prompts))
-            responses = generate_responses(model, tokenizer, prompts[start:end], sampling,
-                                           batch_size=end - start, max_prompt_length=max_prompt_length,
-                                           seed=seed, start_index=start)
-            for i, response in zip(range(start, end), responses):
-                record = {"index": i, "prompt": prompts[i], "prediction": response.text,
-                          "response_ids": response.token_ids, "references": list(references[i]),
-                          "batch_end": end}
-                records.append(record)
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(end - start)
-        bar.close()
+    if records:
+        _write_records(path, records)  # drop what follows the kept batches; the settings are the same
+    else:
+        path.unlink(missing_ok=True)  # never lines without the settings that made them
+    write_atomically(settings_path, json.dumps(settings, indent=2) + "\n")
+    bar = tqdm(total=len(prompts), initial=len(records), desc=progress_label, unit="ex", leave=False)
+    for start in range(len(records), len(prompts), batch_size):
+        end = min(start + batch_size, len(prompts))
+        responses = generate_responses(model, tokenizer, prompts[start:end], sampling,
+                                       batch_size=end - start, max_prompt_length=max_prompt_length,
+                                       seed=seed, start_index=start)
+        for i, response in zip(range(start, end), responses):
+            record = {"index": i, "prompt": prompts[i], "prediction": response.text,
+                      "response_ids": response.token_ids, "references": list(references[i]), "batch_end": end}
+            records.append({**record, "digest": _digest(key, record)})
+        _write_records(path, records)
+        bar.update(end - start)
+    bar.close()
     return [r["prediction"] for r in records], [r["response_ids"] for r in records]
 
 
@@ -459,6 +520,7 @@ def evaluate_model(
     beta: float = 0.1,
     device: str | None = None,
     dtype: str = "float32",
+    template: str = "auto",
 ) -> dict:
     """Generate on each evaluation set with each seed, score, and write `metrics.json`; returns its content.
 
@@ -467,6 +529,8 @@ def evaluate_model(
     seeds), the mean implicit reward β·log q/p of student and teacher outputs (summed over the sampled
     response tokens and per token), and the reverse KL KL(q||p) on the first response token.
     The evaluated checkpoint is exactly `model_dir`: no checkpoint selection happens here.
+    `template`: the prompt template (`dpkd.data.load_instruction_data`); `auto` renders chat data with the
+    model's chat template, `chat` renders every set with it (an instruct model), `alpaca`/`none` as named.
     """
     # Everything that can be wrong with the arguments is found before a model is loaded.
     model_dir = check_model_dir(model_dir)
@@ -486,29 +550,32 @@ def evaluate_model(
     sampling = sampling or SamplingConfig()
     _check_sampling(sampling)
     out_dir = Path(out_dir) if out_dir is not None else model_dir / "eval"
-    datasets = {set_name(s): load_instruction_data(s, data_dir=data_dir, limit=limit) for s in sources}
+    # The tokenizer (cheap) before the data: chat prompts are rendered with its chat template.
+    if teacher_dir is not None:
+        tokenizer = check_shared_vocabulary(model_dir, teacher_dir)
+    else:
+        tokenizer = load_tokenizer(model_dir)
+    datasets = {set_name(s): load_instruction_data(s, data_dir=data_dir, limit=limit, template=template,
+                                                   tokenizer=tokenizer) for s in sources}
     for name, dataset in datasets.items():
         if len(dataset) == 0:
             raise EvaluationError(f"--data: evaluation set {name!r} has no examples")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if teacher_dir is not None:
-        tokenizer = check_shared_vocabulary(model_dir, teacher_dir)
-    else:
-        tokenizer = load_tokenizer(model_dir)
     model = _load_model(model_dir, device, dtype)
     teacher = _load_model(teacher_dir, device, dtype) if teacher_dir is not None else None
 
     # The models are identified by a hash of their weights, so a moved run directory still resumes and a
     # model retrained in place does not.
-    fingerprints = {model_dir: model_fingerprint(model)}
+    fingerprints = {model_dir: model_fingerprint(model, sample_bytes_per_tensor=FINGERPRINT_SAMPLE_BYTES)}
     if teacher is not None:
-        fingerprints[teacher_dir] = model_fingerprint(teacher)
+        fingerprints[teacher_dir] = model_fingerprint(teacher, sample_bytes_per_tensor=FINGERPRINT_SAMPLE_BYTES)
 
     def file_settings(path: Path, seed: int) -> dict:
         return {"model": str(path.resolve()), "model_fingerprint": fingerprints[path], "seed": seed,
                 "sampling": asdict(sampling), "batch_size": batch_size, "max_prompt_length": max_prompt_length,
-                "dtype": dtype, "device_type": torch.device(device).type}
+                "dtype": dtype, "device_type": torch.device(device).type,
+                **({"template": template} if template != "auto" else {})}
 
     generation = dict(sampling=sampling, batch_size=batch_size, max_prompt_length=max_prompt_length)
     results: dict[str, dict] = {}
@@ -549,46 +616,11 @@ def evaluate_model(
         "teacher": str(teacher_dir.resolve()) if teacher_dir is not None else None,
         "settings": {"data": sources, "seeds": seeds, "limit": limit, "sampling": asdict(sampling),
                      "batch_size": batch_size, "max_prompt_length": max_prompt_length, "beta": beta,
-                     "dtype": dtype, "device": device, "std": "population (ddof=0) over seeds",
+                     "template": template, "dtype": dtype, "device": device, "std": "population (ddof=0) over seeds",
                      "length_buckets_words": [name for name, _, _ in LENGTH_BUCKETS]},
         "sets": results,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomically(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
-
-def _print_summary(metrics: dict, out_dir: Path) -> None:
-    for name, result in metrics["sets"].items():
-        s = result["summary"]
-        line = (f"{name:>10}  n={result['n_examples']:<5} ROUGE-L {s['rougeL']['mean']:6.2f} ± {s['rougeL']['std']:.2f}"
-                f"   EM {s['exact_match']['mean']:6.2f} ± {s['exact_match']['std']:.2f}")
-        if "reverse_kl_first_token" in result:
-            line += f"   KL(q||p)@1 {result['reverse_kl_first_token']:.4f}"
-        print(line)
-    print(f"wrote {out_dir / 'metrics.json'}")
-
-
-def eval_from_cli(args: argparse.Namespace) -> int:
-    """`dpkd eval`: check the arguments, run `evaluate_model`, print the summary."""
-    # Resume notices go to the terminal; other libraries' loggers keep their own levels.
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("dpkd eval: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    try:
-        seeds = parse_seeds(args.seeds)
-        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        out_dir = Path(args.out) if args.out else Path(args.model) / "eval"
-        metrics = evaluate_model(
-            args.model, data=args.data.split(","), seeds=seeds, out_dir=out_dir, teacher_dir=args.teacher,
-            data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, sampling=sampling,
-            max_prompt_length=args.max_prompt_length, beta=args.beta, device=args.device, dtype=args.dtype,
-        )
-    except (EvaluationError, DataError) as err:
-        print(f"dpkd eval: error: {err}", file=sys.stderr)
-        return 2
-    _print_summary(metrics, out_dir)
-    return 0

@@ -1,33 +1,27 @@
-"""Sampling with the KV cache, scoring completions, and the on-disk teacher-output cache.
+"""Sampling with the KV cache and scoring completions.
 
 Sampling: `sample_completions` (and `generate_responses` / `generate_texts` for evaluation). Scoring:
 `build_scoring_batch` lays out prompt + completion, `completion_logps` / `score_sequences` sum the
-completion tokens' log-probs without a batch x length x vocabulary log-softmax. Teacher outputs: `TeacherOutputCache` stores the
-teacher's completion and its sequence log-prob per prompt, `teacher_outputs` fills it lazily during
-training, `fill_teacher_cache` ahead of time (`dpkd teacher-generate`).
+completion tokens' log-probs without a batch x length x vocabulary log-softmax. The teacher-output cache
+built on them is `dpkd.teacher_cache`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
-import time
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from transformers import GenerationConfig, PreTrainedModel
 
 from dpkd.data import encode_prompt, special_prefix
-from dpkd.losses import chunked_sequence_logps, sequence_logps
+from dpkd.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from dpkd.modeling import LOGIT_TRANSFORM_FIELDS
 
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,32 +62,161 @@ def sample_completions(
     eos_token_id: int,
     pad_token_id: int,
     synced_gpus: bool = False,
+    max_positions: int | None = None,
+    cache_implementation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate continuations of left-padded prompts with the KV cache.
 
     Returns `(completion_ids, completion_mask)`, both (B, T): the new tokens only, EOS kept, anything
-    after the first EOS replaced by `pad_token_id` and masked out. The model is put in eval mode for
-    sampling (no dropout) and restored afterwards. `synced_gpus=True` keeps ranks of a sharded model
-    (FSDP, ZeRO-3) stepping together when they finish at different lengths: a rank that has finished
-    keeps running forward passes until every rank has. A DDP or DeepSpeed wrapper is looked through
-    (`generate` lives on the wrapped model; DDP's forward hooks are for training only).
+    after the first EOS replaced by `pad_token_id` and masked out. Generation stops once every sequence
+    has sampled its EOS. The model is put in eval mode for sampling (no dropout) and restored afterwards.
+    `synced_gpus=True` keeps ranks of a sharded model (FSDP, ZeRO-3) stepping together when they finish at
+    different lengths: a rank that has finished keeps running forward passes until every rank has. A DDP or
+    DeepSpeed wrapper is looked through (`generate` lives on the wrapped model; DDP's forward hooks are for
+    training only).
+
+    Positions: T is at most the model's position limit (`position_limit`, and `max_positions` when given,
+    e.g. that of a second model that will score the samples) minus the padded prompt width, with one warning
+    per model when that cuts `sampling.max_new_tokens`; prompts that leave no room raise a ValueError.
+    `cache_implementation`: "static" or "dynamic"; None chooses (`decode_cache_implementation`).
     """
     model = unwrap_for_generation(model)
+    limit = _limit(model, max_positions)
+    max_new_tokens = new_token_budget(model, prompt_input_ids.shape[1], sampling.max_new_tokens, limit)
+    config = sampling.to_generation_config(eos_token_id, pad_token_id)
+    config.max_new_tokens = max_new_tokens
+    if cache_implementation is None:
+        cache_implementation = decode_cache_implementation(model, prompt_input_ids.device, synced_gpus=synced_gpus)
+    if cache_implementation == "static":
+        config.cache_implementation = "static"
+        # Cache lengths in steps of 256 positions: a compiled decode step is reused across batches whose
+        # prompts differ in width instead of being recompiled for each new length.
+        width = prompt_input_ids.shape[1] + max_new_tokens
+        config.max_cache_len = -(-width // 256) * 256 if limit is None else min(-(-width // 256) * 256, limit)
+    elif cache_implementation != "dynamic":
+        raise ValueError(f"cache_implementation must be 'static', 'dynamic' or None; got {cache_implementation!r}")
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=prompt_input_ids,
-            attention_mask=prompt_attention_mask,
-            generation_config=sampling.to_generation_config(eos_token_id, pad_token_id),
-            synced_gpus=synced_gpus,
-        )
+        out = _generate(model, prompt_input_ids, prompt_attention_mask, config, synced_gpus)
     finally:
         model.train(was_training)
     completion_ids = out[:, prompt_input_ids.shape[1]:]
+    del out
     mask = completion_mask(completion_ids, eos_token_id)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
     return completion_ids, mask
+
+
+# Models whose static-cache generation failed once (a compile error, an architecture transformers cannot give a
+# static cache): they sample with the dynamic cache from then on.
+_STATIC_CACHE_FAILED: weakref.WeakSet = weakref.WeakSet()
+_WARNED_POSITIONS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _generate(model, input_ids, attention_mask, config: GenerationConfig, synced_gpus: bool) -> torch.Tensor:
+    """`model.generate`; a static cache that fails falls back, once per model, to the dynamic cache."""
+    def generate(generation_config: GenerationConfig) -> torch.Tensor:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              generation_config=generation_config, synced_gpus=synced_gpus)
+
+    if config.cache_implementation != "static":
+        return generate(config)
+    device = input_ids.device
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    try:
+        return generate(config)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # any failure of the fast path has the plain one to fall back on
+        _STATIC_CACHE_FAILED.add(model)
+        logger.warning("sampling with a static KV cache failed for %s (%s: %s); using the dynamic cache for it "
+                       "from now on", _model_name(model), type(error).__name__, error)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], device)
+        config.cache_implementation = None
+        config.max_cache_len = None
+        return generate(config)
+
+
+def decode_cache_implementation(model, device: torch.device, *, synced_gpus: bool = False) -> str:
+    """The KV cache `sample_completions` uses by default: "static" on CUDA, "dynamic" elsewhere.
+
+    On CUDA a static cache lets `generate` compile the decode step (transformers does so for a static cache
+    on a GPU), which removes the per-token launch overhead. On the CPU the dynamic cache is kept: the static
+    one measured no faster there (docs/benchmarks.md, `bench/sampling.py`), and nothing is compiled. Also dynamic: sharded
+    or synced models (FSDP, ZeRO-3, `device_map` over several devices), models transformers does not mark
+    compilable, and any model whose static-cache generation failed before.
+    """
+    if device.type != "cuda" or synced_gpus or model in _STATIC_CACHE_FAILED:
+        return "dynamic"
+    if not isinstance(model, PreTrainedModel) or not getattr(model, "_can_compile_fullgraph", False):
+        return "dynamic"
+    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1 or _is_sharded(model):
+        return "dynamic"
+    return "static"
+
+
+def _is_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def position_limit(model) -> int | None:
+    """How many positions the model has (`n_positions`, `max_position_embeddings`), or None when its config sets none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    for field in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _limit(model, max_positions: int | None) -> int | None:
+    limits = [limit for limit in (position_limit(model), max_positions) if limit is not None]
+    return min(limits) if limits else None
+
+
+def check_prompt_fits(model, max_prompt_length: int, *, max_positions: int | None = None) -> None:
+    """Raise a ValueError unless prompts of `max_prompt_length` tokens leave room for a sampled token."""
+    limit = _limit(model, max_positions)
+    if limit is not None and max_prompt_length >= limit:
+        raise ValueError(
+            f"max_prompt_length={max_prompt_length} leaves no room to sample: {_model_name(model)} has {limit} "
+            f"positions for prompt and response together; set max_prompt_length below {limit}"
+        )
+
+
+def new_token_budget(model, prompt_width: int, max_new_tokens: int, limit: int | None) -> int:
+    """`max_new_tokens`, cut to `limit − prompt_width` (one warning per model); a ValueError when that is < 1."""
+    if limit is None or prompt_width + max_new_tokens <= limit:
+        return max_new_tokens
+    room = limit - prompt_width
+    if room < 1:
+        raise ValueError(
+            f"prompts of {prompt_width} tokens (padded) leave no room to sample: {_model_name(model)} has {limit} "
+            f"positions for prompt and response together; set max_prompt_length below {limit}"
+        )
+    if model not in _WARNED_POSITIONS:
+        _WARNED_POSITIONS.add(model)
+        logger.warning(
+            "%s has %d positions: sampling at most %d new tokens after prompts of %d (max_new_tokens is %d); "
+            "lower max_prompt_length or max_new_tokens to silence this", _model_name(model), limit, room,
+            prompt_width, max_new_tokens)
+    return room
+
+
+def _model_name(model) -> str:
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return f"the model at {name!r}" if name else f"the {type(model).__name__}"
 
 
 def unwrap_for_generation(model):
@@ -144,8 +267,12 @@ def generate_responses(
     (the template's "### Response:" marker is at the end). Each batch is seeded from `seed` and the index
     of its first prompt (offset by `start_index`), so a run resumed at a batch boundary draws the same
     samples. The token ids are the ones to score: decoding and re-encoding the text can tokenise it
-    differently (byte-level BPE merges what was sampled as separate tokens) and loses the EOS.
+    differently (byte-level BPE merges what was sampled as separate tokens) and loses the EOS. Responses
+    are cut to the model's positions (see `sample_completions`); a `max_prompt_length` that leaves no room for
+    them is refused before anything is generated.
     """
+    if max_prompt_length is not None:
+        check_prompt_fits(unwrap_for_generation(model), max_prompt_length)
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
@@ -167,21 +294,9 @@ def generate_responses(
     return responses
 
 
-def generate_texts(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    sampling: SamplingConfig,
-    *,
-    batch_size: int = 8,
-    max_prompt_length: int | None = None,
-    seed: int = 0,
-    start_index: int = 0,
-) -> list[str]:
-    """The texts of `generate_responses`: one response per prompt, decoded and cut at EOS."""
-    return [r.text for r in generate_responses(model, tokenizer, prompts, sampling, batch_size=batch_size,
-                                               max_prompt_length=max_prompt_length, seed=seed,
-                                               start_index=start_index)]
+def generate_texts(model, tokenizer, prompts: Sequence[str], sampling: SamplingConfig, **options) -> list[str]:
+    """The texts alone of `generate_responses(model, tokenizer, prompts, sampling, **options)`."""
+    return [response.text for response in generate_responses(model, tokenizer, prompts, sampling, **options)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,11 +336,6 @@ def build_scoring_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
 
-# Config fields of models whose logits are not simply `lm_head(hidden)`; those are scored through their
-# own forward (keeping only the completion window's logits) so the transformation is applied.
-_LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
 def _projects_hidden_states_directly(model) -> bool:
     """True for an unwrapped, unsharded transformers causal LM whose logits are `lm_head(last hidden state)`."""
     if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
@@ -237,7 +347,9 @@ def _projects_hidden_states_directly(model) -> bool:
     if isinstance(model, FSDPModule):
         return False  # root-level parameters (embeddings, head) are only gathered by the root's forward
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return all(getattr(config, field, None) in (None, 1, 1.0) for field in _LOGIT_TRANSFORM_FIELDS)
+    # Models that transform their logits are scored through their own forward (keeping only the completion
+    # window's logits) so the transformation is applied.
+    return all(getattr(config, field, None) in (None, 1, 1.0) for field in LOGIT_TRANSFORM_FIELDS)
 
 
 def completion_logps(
@@ -278,363 +390,3 @@ def score_sequences(model, batch: Mapping[str, torch.Tensor], *, chunk_size: int
             return completion_logps(model, batch, chunk_size=chunk_size)
     finally:
         model.train(was_training)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The teacher-output cache
-# ---------------------------------------------------------------------------------------------------------
-
-# Config entries that name where a model came from or which library saved it, not what it computes.
-_CONFIG_FIELDS_NOT_FINGERPRINTED = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
-
-
-def model_fingerprint(model, *, sample_bytes_per_tensor: int | None = None) -> str:
-    """A 20-hex-digit identity of a model's computation: its config and its weights, hashed with SHA-256.
-
-    Trade-off: hashing every weight reads each parameter once (measured 0.34 GB/s on one busy CPU core
-    here; about 10 s for GPT-2 XL in bf16, a minute or more for a 13B model) but cannot be fooled by a
-    checkpoint retrained in place, copied to another path, or loaded in another dtype (other bytes,
-    other outputs). A path or file-date key would be free and wrong in exactly those cases.
-    `sample_bytes_per_tensor` hashes only that many evenly strided bytes of each tensor (plus every
-    name, shape and dtype): still different for any fine-tuned or other model, where every weight moves,
-    but blind to an edit confined to the unsampled elements. The result is memoised on the model object,
-    so a frozen teacher is hashed once per process. Call it on the unwrapped, unsharded model (before
-    `accelerator.prepare`): a sharded rank holds only part of the weights.
-    """
-    cached = getattr(model, "_dpkd_fingerprint", None)
-    if cached is not None and cached[0] == sample_bytes_per_tensor:
-        return cached[1]
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5
-        DTensor = ()  # noqa: N806
-    # FSDP2 holds DTensor shards; DeepSpeed ZeRO-3 leaves empty placeholders that carry `ds_numel`.
-    if any(isinstance(p, DTensor) or hasattr(p, "ds_numel") for p in model.parameters()):
-        raise ValueError("model_fingerprint: the model is sharded (FSDP or ZeRO-3); compute the fingerprint on "
-                         "the whole model, before preparing it")
-    digest = hashlib.sha256()
-    config = model.config.to_dict()
-    for field in _CONFIG_FIELDS_NOT_FINGERPRINTED:
-        config.pop(field, None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            raw = tensor.detach().reshape(-1).contiguous().view(torch.uint8)
-            if sample_bytes_per_tensor is not None and raw.numel() > sample_bytes_per_tensor:
-                raw = raw[:: -(-raw.numel() // sample_bytes_per_tensor)].contiguous()
-            digest.update(raw.cpu().numpy())
-    fingerprint = digest.hexdigest()[:20]
-    model._dpkd_fingerprint = (sample_bytes_per_tensor, fingerprint)
-    return fingerprint
-
-
-@dataclass(frozen=True)
-class CachedTeacherOutput:
-    """One cached teacher response: its token ids (EOS included when the teacher stopped) and `log p(y|x)`."""
-
-    completion_ids: tuple[int, ...]
-    teacher_logp: float
-
-
-def _sampling_settings(sampling) -> dict:
-    if dataclasses.is_dataclass(sampling):
-        return dataclasses.asdict(sampling)
-    return dict(sampling)
-
-
-class TeacherOutputCache:
-    """Teacher responses and their sequence log-probs on disk, keyed by teacher, sampling, prompt and epoch.
-
-    Layout: `cache_dir/<namespace>/` where the namespace hashes `teacher_id` (use `model_fingerprint`)
-    and the sampling settings, so another teacher or other settings never see these entries;
-    `meta.json` there records both in clear. Entries are JSON lines
-    `{"key", "completion_ids", "teacher_logp"}`, `key` hashing the prompt's token ids (padding removed)
-    and the optional epoch. They are written in segment files `part-r<rank>-<time>-<id>.jsonl`: each
-    rank writes its own segments and never touches another's, and every segment is written to a
-    temporary name, synced and renamed, so a killed process leaves complete segments and at most a stray
-    `.tmp` file, which readers ignore. Opening the cache reads every segment (all ranks', all runs'):
-    a run on any number of ranks reuses what earlier runs generated. Entries are buffered and written
-    once `flush_every` are pending, and by `flush()`; `compact()` merges this rank's segments.
-    """
-
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike,
-        *,
-        teacher_id: str,
-        sampling,
-        rank: int | None = None,
-        flush_every: int = 1024,
-    ) -> None:
-        if not teacher_id:
-            raise ValueError("TeacherOutputCache: teacher_id must be a non-empty string (see model_fingerprint)")
-        if flush_every < 1:
-            raise ValueError(f"TeacherOutputCache: flush_every must be >= 1, got {flush_every}")
-        self.teacher_id = teacher_id
-        self.sampling = _sampling_settings(sampling)
-        identity = {"format": 1, "teacher_id": teacher_id, "sampling": self.sampling}
-        namespace = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        self.directory = Path(cache_dir) / namespace
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.rank = _current_rank() if rank is None else rank
-        self.flush_every = flush_every
-        self._entries: dict[str, CachedTeacherOutput] = {}
-        self._pending: list[tuple[str, CachedTeacherOutput]] = []
-        self._segments_read: set[str] = set()
-        meta = self.directory / "meta.json"
-        if not meta.exists():
-            _write_atomically(meta, json.dumps(identity, indent=2, sort_keys=True) + "\n")
-        self.refresh()
-
-    @staticmethod
-    def key(prompt_ids: Sequence[int], epoch: int | None = None) -> str:
-        """The entry key of a prompt's token ids (no padding) and optional epoch."""
-        return hashlib.sha256(json.dumps([list(map(int, prompt_ids)), epoch]).encode()).hexdigest()[:32]
-
-    def refresh(self) -> int:
-        """Read segments written since the last read (for instance by other ranks); returns how many entries were added."""
-        added = 0
-        for path in sorted(self.directory.glob("part-*.jsonl")):
-            if path.name in self._segments_read:
-                continue
-            with open(path, encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    try:
-                        record = json.loads(line)
-                        entry = CachedTeacherOutput(tuple(record["completion_ids"]), float(record["teacher_logp"]))
-                        key = record["key"]
-                    except (ValueError, KeyError, TypeError) as error:
-                        raise ValueError(f"{path}:{line_number}: not a teacher-cache entry ({error})") from error
-                    # The first segment in name order wins, so every reader resolves duplicates alike.
-                    if key not in self._entries:
-                        self._entries[key] = entry
-                        added += 1
-            self._segments_read.add(path.name)
-        return added
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, prompt_ids: Sequence[int], epoch: int | None = None) -> CachedTeacherOutput | None:
-        return self._entries.get(self.key(prompt_ids, epoch))
-
-    def put(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], teacher_logp: float,
-            epoch: int | None = None) -> None:
-        """Record one response; it is written to disk with the next flush."""
-        if len(completion_ids) == 0:
-            raise ValueError("TeacherOutputCache.put: completion_ids is empty")
-        key = self.key(prompt_ids, epoch)
-        entry = CachedTeacherOutput(tuple(int(t) for t in completion_ids), float(teacher_logp))
-        self._entries[key] = entry
-        self._pending.append((key, entry))
-        if len(self._pending) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> Path | None:
-        """Write pending entries as a new segment (write, fsync, rename); returns its path, or None if nothing was pending."""
-        if not self._pending:
-            return None
-        name = f"part-r{self.rank:04d}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
-        path = self.directory / name
-        _write_atomically(path, "".join(_entry_line(key, entry) for key, entry in self._pending))
-        self._segments_read.add(name)
-        self._pending.clear()
-        return path
-
-    def compact(self) -> Path | None:
-        """Merge this rank's segments into one (new segment first, then delete the old ones).
-
-        A kill between the two steps leaves duplicates, which are identical and harmless.
-        """
-        self.flush()
-        own = sorted(self.directory.glob(f"part-r{self.rank:04d}-*.jsonl"))
-        if len(own) < 2:
-            return own[0] if own else None
-        lines = []
-        for path in own:
-            lines.append(path.read_text(encoding="utf-8"))
-        name = f"part-r{self.rank:04d}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
-        merged = self.directory / name
-        _write_atomically(merged, "".join(lines))
-        self._segments_read.add(name)
-        for path in own:
-            path.unlink()
-        return merged
-
-    def __enter__(self) -> TeacherOutputCache:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.flush()
-
-
-def _entry_line(key: str, entry: CachedTeacherOutput) -> str:
-    return json.dumps({"key": key, "completion_ids": list(entry.completion_ids), "teacher_logp": entry.teacher_logp}) + "\n"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to `path` so that it either does not exist or is complete: temporary file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _current_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is true on any rank (a collective: every rank must call it)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    tensor = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def _drop_padding_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove leading columns that are padding in every row (left-padded batches whose rows were subset)."""
-    attended = mask.bool().any(dim=0).nonzero()
-    start = int(attended[0]) if len(attended) else mask.shape[1] - 1
-    return ids[:, start:], mask[:, start:]
-
-
-def _generate_and_score(teacher, prompt_ids, prompt_mask, sampling, *, eos_token_id, pad_token_id, synced_gpus):
-    completion_ids, mask = sample_completions(teacher, prompt_ids, prompt_mask, sampling, eos_token_id=eos_token_id,
-                                              pad_token_id=pad_token_id, synced_gpus=synced_gpus)
-    logps, _ = score_sequences(teacher, build_scoring_batch(prompt_ids, prompt_mask, completion_ids, mask))
-    return completion_ids, mask, logps
-
-
-def _check_cache_sampling(cache: TeacherOutputCache, sampling) -> None:
-    if _sampling_settings(sampling) != cache.sampling:
-        raise ValueError(
-            f"sampling {_sampling_settings(sampling)} differs from the settings the teacher cache was opened with "
-            f"{cache.sampling}; open the cache with the same SamplingConfig"
-        )
-
-
-def teacher_outputs(
-    teacher,
-    cache: TeacherOutputCache,
-    prompt_input_ids: torch.Tensor,
-    prompt_attention_mask: torch.Tensor,
-    sampling: SamplingConfig,
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    epoch: int | None = None,
-    synced_gpus: bool = False,
-    flush: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The teacher's responses `y_t` to left-padded prompts and `log p(y_t|x)`, from the cache where possible.
-
-    Prompts not in the cache are sampled with the teacher (KV cache), scored by it in one forward pass
-    (`score_sequences`) and stored, so the teacher never re-reads a cached `y_t`. Returns
-    `(completion_ids (B, T), completion_mask (B, T), teacher_logps (B,) float32, n_generated)`, right-padded
-    with `pad_token_id`, on the prompts' device. With `synced_gpus=True` (a sharded teacher: FSDP, ZeRO-3)
-    every rank runs generation whenever any rank has a miss, a rank without misses on one discarded
-    prompt, so the shards' collectives line up; every rank must then call this the same number of times.
-    `flush=True` writes the new entries to disk before returning (one segment per batch with misses), so
-    an interrupted run keeps all it generated; pass False to leave that to the cache's `flush_every`.
-    """
-    _check_cache_sampling(cache, sampling)
-    device = prompt_input_ids.device
-    prompts = [row[mask.bool()].tolist() for row, mask in zip(prompt_input_ids.cpu(), prompt_attention_mask.cpu())]
-    found = [cache.get(prompt, epoch) for prompt in prompts]
-    missing = [row for row, entry in enumerate(found) if entry is None]
-    must_generate = _any_rank(bool(missing), device) if synced_gpus else bool(missing)
-    if must_generate:
-        rows = missing or [0]
-        ids, mask = _drop_padding_columns(prompt_input_ids[rows], prompt_attention_mask[rows])
-        completion_ids, completion_mask_, logps = _generate_and_score(
-            teacher, ids, mask, sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced_gpus
-        )
-        for row, ids_row, mask_row, logp in zip(missing, completion_ids.tolist(), completion_mask_.tolist(), logps.tolist()):
-            kept = [t for t, m in zip(ids_row, mask_row) if m]
-            cache.put(prompts[row], kept, logp, epoch)
-            found[row] = cache.get(prompts[row], epoch)
-        if flush:
-            cache.flush()
-    width = max(len(entry.completion_ids) for entry in found)
-    completion_ids = torch.full((len(found), width), pad_token_id, dtype=torch.long)
-    completion_mask_ = torch.zeros((len(found), width), dtype=torch.long)
-    for row, entry in enumerate(found):
-        completion_ids[row, : len(entry.completion_ids)] = torch.tensor(entry.completion_ids)
-        completion_mask_[row, : len(entry.completion_ids)] = 1
-    teacher_logps = torch.tensor([entry.teacher_logp for entry in found], dtype=torch.float32)
-    return completion_ids.to(device), completion_mask_.to(device), teacher_logps.to(device), len(missing)
-
-
-def fill_teacher_cache(
-    teacher,
-    tokenizer,
-    tokenized_dataset: Iterable[Mapping] | Mapping,
-    cache: TeacherOutputCache,
-    sampling: SamplingConfig,
-    *,
-    batch_size: int,
-    epoch: int | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    synced_gpus: bool = False,
-    show_progress: bool = True,
-) -> int:
-    """Generate and store the teacher's response to every prompt of the dataset not yet cached; returns how many.
-
-    `tokenized_dataset` has a `prompt_input_ids` column (`dpkd.data.tokenize_dataset`). Identical
-    prompts are generated once; prompts are batched by length to limit padding. Under several processes
-    rank r takes the missing prompts r, r + world_size, ... and writes its own segments (see
-    `TeacherOutputCache`); with `synced_gpus=True` ranks with fewer batches step through generation on a
-    discarded prompt until all are done. Segments are compacted at the end.
-    """
-    _check_cache_sampling(cache, sampling)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    column_names = getattr(tokenized_dataset, "column_names", None)
-    if column_names is not None and "prompt_input_ids" not in column_names:
-        raise ValueError(f"the dataset has no 'prompt_input_ids' column (columns: {column_names}); tokenize it first")
-    prompt_column = tokenized_dataset["prompt_input_ids"]
-    rank = _current_rank() if rank is None else rank
-    world_size = (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1) if world_size is None else world_size
-    unique: dict[str, list[int]] = {}
-    for prompt in prompt_column:
-        if len(prompt) == 0:
-            raise ValueError("fill_teacher_cache: a prompt has no tokens")
-        if cache.get(prompt, epoch) is None:
-            unique.setdefault(cache.key(prompt, epoch), list(prompt))
-    mine = list(unique.values())[rank::world_size]
-    mine.sort(key=len, reverse=True)  # longest first: an out-of-memory batch fails at once, not at the end
-    batches = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
-    device = next(teacher.parameters()).device
-    n_batches = len(batches)
-    if synced_gpus and dist.is_available() and dist.is_initialized():
-        count = torch.tensor([n_batches], device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        n_batches = int(count.item())
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if pad is None:
-        pad = eos
-    from tqdm.auto import tqdm
-
-    generated = 0
-    with tqdm(total=len(mine), desc="teacher outputs", unit="prompt", disable=not show_progress or rank != 0) as bar:
-        for index in range(n_batches):
-            # A rank out of work generates for one throwaway prompt so that sharded collectives line up.
-            batch = batches[index] if index < len(batches) else [[eos]]
-            ids, mask = left_pad(batch, pad)
-            ids, mask = ids.to(device), mask.to(device)
-            if index < len(batches):
-                *_, n_new = teacher_outputs(teacher, cache, ids, mask, sampling, eos_token_id=eos, pad_token_id=pad,
-                                            epoch=epoch, synced_gpus=synced_gpus, flush=False)
-                generated += n_new
-                bar.update(len(batch))
-            elif _any_rank(False, device):  # pairs with the all-reduce inside teacher_outputs on busy ranks
-                _generate_and_score(teacher, ids, mask, sampling, eos_token_id=eos, pad_token_id=pad,
-                                    synced_gpus=synced_gpus)
-    cache.compact()
-    return generated

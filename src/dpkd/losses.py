@@ -16,25 +16,34 @@ Conventions shared by every function here:
 - All maths runs in float32 whatever the input dtype (half and bfloat16 inputs are upcast; float64 inputs
   stay float64, which is what lets ``torch.autograd.gradcheck`` hold the gradients to account).
 
-The chunked forms (:func:`chunked_token_loss`, :func:`chunked_sequence_logps`) take final hidden states and
-``lm_head`` weights instead of logits, project only the valid positions, a chunk at a time, and recompute each
-chunk's logits in the backward pass (activation checkpointing; ``chunked_token_loss(..., recompute=False)``
-takes each chunk's gradient during the forward pass instead, at about the dense form's time), so no
-(tokens × vocab) tensor outlives its chunk. They give the values and gradients of the dense forms.
+The chunked forms take final hidden states and ``lm_head`` weights instead of logits, project only the valid
+positions, a chunk at a time, and recompute each chunk's logits in the backward pass, so no
+(tokens × vocab) tensor outlives its chunk; they give the values and gradients of the dense forms.
+:func:`chunked_token_loss` lives in `dpkd.chunked_losses`; :func:`sequence_logps` and
+:func:`chunked_sequence_logps` live in `dpkd.logprobs`, with ``IGNORE_INDEX`` and the one chunk loop. All
+are importable from here too. Their time and memory against the dense forms: docs/benchmarks.md.
 
 :data:`TOKEN_LOSSES` maps the short names the trainer's configuration uses to the token-level losses.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from dpkd.chunked_losses import chunked_token_loss
+from dpkd.logprobs import (
+    IGNORE_INDEX,
+    chunked_sequence_logps,
+    divide_by_tokens,
+    sequence_logps,
+    upcast,
+    valid_rows,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -89,20 +98,8 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in [0, 1]; got {value}")
 
 
-def _upcast(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor in float32, or as is when it is already float32 or float64."""
-    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-
-
-def _valid_rows(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The (N, V) rows of ``logits`` at the valid positions; a view, without a copy, when all are valid."""
-    if bool(mask.all()):
-        return logits.reshape(-1, logits.size(-1))
-    return logits[mask]
-
-
 def _scaled_float_rows(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    rows = _upcast(_valid_rows(logits, mask))
+    rows = upcast(valid_rows(logits, mask))
     return rows if temperature == 1.0 else rows / temperature
 
 
@@ -120,30 +117,47 @@ def _reduce(
     total = per_token.sum()
     if reduction == "sum":
         return total
-    if num_items_in_batch is None:
-        # clamp: a batch without valid tokens gives 0 (with a gradient path), not 0/0.
-        return total / mask.sum().clamp(min=1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return divide_by_tokens(total, mask.sum(), num_items_in_batch)
 
 
-def _token_divergence(
-    per_row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    reduction: str,
-    num_items_in_batch: int | torch.Tensor | None,
-) -> torch.Tensor:
-    """Apply ``per_row(student_rows, teacher_rows) -> (N,)`` to the valid positions and reduce."""
-    _check_token_inputs(student_logits, teacher_logits, labels, reduction)
-    _check_temperature(temperature)
-    mask = labels != IGNORE_INDEX
-    student_rows = _scaled_float_rows(student_logits, mask, temperature)
-    teacher_rows = _scaled_float_rows(teacher_logits, mask, temperature)
-    return _reduce(per_row(student_rows, teacher_rows), mask, reduction, num_items_in_batch)
+def _token_divergence(per_row: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The token-level loss whose value at each valid position is ``per_row(student, teacher, **options)``.
+
+    ``per_row`` receives the valid positions' logits as (N, V) rows, divided by the temperature, in float32
+    (float64 stays float64), and returns the (N,) per-token values; its keyword-only parameters are the
+    loss's options. The loss is called as ``fn(student_logits, teacher_logits, labels, temperature=1.0, *,
+    reduction="mean", num_items_in_batch=None, **options)``, checks its inputs and reduces as the module
+    docstring describes. It keeps ``per_row``'s name and docstring (the formula).
+    """
+
+    def loss(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float = 1.0,
+        *,
+        reduction: str = "mean",
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **options,
+    ) -> torch.Tensor:
+        _check_token_inputs(student_logits, teacher_logits, labels, reduction)
+        _check_temperature(temperature)
+        mask = labels != IGNORE_INDEX
+        student_rows = _scaled_float_rows(student_logits, mask, temperature)
+        teacher_rows = _scaled_float_rows(teacher_logits, mask, temperature)
+        return _reduce(per_row(student_rows, teacher_rows, **options), mask, reduction, num_items_in_batch)
+
+    loss.__name__ = loss.__qualname__ = per_row.__name__
+    loss.__doc__ = per_row.__doc__
+    # What help() shows: the loss's parameters, then per_row's options (beta, alpha) in place of **options.
+    signature = inspect.signature(loss)
+    option_parameters = [
+        p for p in inspect.signature(per_row).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    loss.__signature__ = signature.replace(
+        parameters=[*list(signature.parameters.values())[:-1], *option_parameters]
+    )
+    return loss
 
 
 def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -159,84 +173,38 @@ def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> t
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Token-level divergences (the baselines)
+# Token-level divergences (the baselines). Each is written per row of valid-position logits, already
+# divided by T; `_token_divergence` makes it a loss on (B, L, V) logits and (B, L) labels.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def soft_cross_entropy(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "mean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+@_token_divergence
+def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The word-level KD loss: soft cross-entropy ``−Σ_v p(v)·log q(v)`` per token.
 
     It is forward KL plus the teacher's entropy H(p), which does not depend on the student (same gradient
     as :func:`forward_kl`, but not 0 for identical inputs). What torchtune calls ``ForwardKLLoss``.
     """
-
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return -(F.softmax(teacher, dim=-1) * F.log_softmax(student, dim=-1)).sum(-1)
-
-    return _token_divergence(
-        per_row, student_logits, teacher_logits, labels, temperature, reduction, num_items_in_batch
-    )
+    return -(F.softmax(teacher, dim=-1) * F.log_softmax(student, dim=-1)).sum(-1)
 
 
-def forward_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "mean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+@_token_divergence
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Forward KL per token: ``KL(p || q) = Σ_v p(v)·(log p(v) − log q(v))``.
 
     Includes the teacher's entropy term, so it is 0 when student and teacher logits are equal.
     """
-
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return _kl_rows(F.log_softmax(teacher, dim=-1), F.log_softmax(student, dim=-1))
-
-    return _token_divergence(
-        per_row, student_logits, teacher_logits, labels, temperature, reduction, num_items_in_batch
-    )
+    return _kl_rows(F.log_softmax(teacher, dim=-1), F.log_softmax(student, dim=-1))
 
 
-def reverse_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "mean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+@_token_divergence
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Reverse KL per token: ``KL(q || p) = Σ_v q(v)·(log q(v) − log p(v))``."""
-
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return _kl_rows(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1))
-
-    return _token_divergence(
-        per_row, student_logits, teacher_logits, labels, temperature, reduction, num_items_in_batch
-    )
+    return _kl_rows(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1))
 
 
-def generalized_jsd(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    beta: float = 0.5,
-    reduction: str = "mean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+@_token_divergence
+def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
     """Generalized Jensen–Shannon divergence of GKD (Agarwal et al. 2024, Eq. 1), TRL's convention.
 
     For 0 < β < 1, with the mixture ``m = β·p + (1 − β)·q``:
@@ -246,32 +214,18 @@ def generalized_jsd(
     discontinuous there). Temperature divides both logits; no T² factor.
     """
     _check_unit_interval("beta", beta)
-
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(student, dim=-1)
-        log_p = F.log_softmax(teacher, dim=-1)
-        if beta == 0.0:
-            return _kl_rows(log_p, log_q)
-        if beta == 1.0:
-            return _kl_rows(log_q, log_p)
-        log_m = _log_mixture(log_p, log_q, beta)
-        return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
-
-    return _token_divergence(
-        per_row, student_logits, teacher_logits, labels, temperature, reduction, num_items_in_batch
-    )
+    log_q = F.log_softmax(student, dim=-1)
+    log_p = F.log_softmax(teacher, dim=-1)
+    if beta == 0.0:
+        return _kl_rows(log_p, log_q)
+    if beta == 1.0:
+        return _kl_rows(log_q, log_p)
+    log_m = _log_mixture(log_p, log_q, beta)
+    return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
 
 
-def skew_forward_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    alpha: float = 0.1,
-    reduction: str = "mean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+@_token_divergence
+def skew_forward_kl(student: torch.Tensor, teacher: torch.Tensor, *, alpha: float = 0.1) -> torch.Tensor:
     """DistiLLM's skew KL per token: ``KL(p || α·p + (1 − α)·q)``.
 
     The mixture ``m = α·p + (1 − α)·q`` puts weight α on the teacher. DistiLLM's code returns the cross
@@ -279,61 +233,28 @@ def skew_forward_kl(
     the value is a true divergence, 0 for identical inputs. α = 0 is forward KL.
     """
     _check_unit_interval("alpha", alpha)
-
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(teacher, dim=-1)
-        log_m = _log_mixture(log_p, F.log_softmax(student, dim=-1), alpha)
-        return _kl_rows(log_p, log_m)
-
-    return _token_divergence(
-        per_row, student_logits, teacher_logits, labels, temperature, reduction, num_items_in_batch
-    )
+    log_p = F.log_softmax(teacher, dim=-1)
+    log_m = _log_mixture(log_p, F.log_softmax(student, dim=-1), alpha)
+    return _kl_rows(log_p, log_m)
 
 
-def skew_reverse_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    alpha: float = 0.1,
-    reduction: str = "mean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+@_token_divergence
+def skew_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, *, alpha: float = 0.1) -> torch.Tensor:
     """DistiLLM's skew reverse KL per token: ``KL(q || α·q + (1 − α)·p)``.
 
     The mixture ``m = α·q + (1 − α)·p`` puts weight α on the student, as DistiLLM's ``skewed_reverse_kl``.
     α = 0 is reverse KL.
     """
     _check_unit_interval("alpha", alpha)
-
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(student, dim=-1)
-        log_m = _log_mixture(log_q, F.log_softmax(teacher, dim=-1), alpha)
-        return _kl_rows(log_q, log_m)
-
-    return _token_divergence(
-        per_row, student_logits, teacher_logits, labels, temperature, reduction, num_items_in_batch
-    )
+    log_q = F.log_softmax(student, dim=-1)
+    log_m = _log_mixture(log_q, F.log_softmax(teacher, dim=-1), alpha)
+    return _kl_rows(log_q, log_m)
 
 
-def total_variation(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    reduction: str = "mean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
+@_token_divergence
+def total_variation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Total variation distance per token: ``TVD(p, q) = ½·Σ_v |p(v) − q(v)|``."""
-
-    def per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (F.softmax(teacher, dim=-1) - F.softmax(student, dim=-1)).abs().sum(-1)
-
-    return _token_divergence(
-        per_row, student_logits, teacher_logits, labels, temperature, reduction, num_items_in_batch
-    )
+    return 0.5 * (F.softmax(teacher, dim=-1) - F.softmax(student, dim=-1)).abs().sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,6 +270,21 @@ def _preference_nll(margin: torch.Tensor, label_smoothing: float) -> torch.Tenso
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-margin)
     return loss
+
+
+def _check_preference_options(
+    function: str, loss_types: tuple[str, ...], loss_type: str, beta: float, label_smoothing: float
+) -> None:
+    """The option checks both DPKD losses share: a known ``loss_type``, β > 0, ε in [0, 1], ε = 0 for ipo."""
+    if loss_type not in loss_types:
+        raise ValueError(f"loss_type must be one of {loss_types} for {function}; got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0; got {beta}")
+    _check_unit_interval("label_smoothing", label_smoothing)
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError(
+            "label_smoothing applies to the sigmoid forms only; it must be 0 with loss_type='ipo'"
+        )
 
 
 def dpkd_token_loss(
@@ -381,38 +317,28 @@ def dpkd_token_loss(
     only the logits of a and c receive gradient. No temperature (the released code has none).
     """
     _check_token_inputs(student_logits, teacher_logits, labels, reduction)
-    if loss_type not in _TOKEN_DPKD_TYPES:
-        raise ValueError(
-            f"loss_type must be one of {_TOKEN_DPKD_TYPES} for dpkd_token_loss; got {loss_type!r}"
-        )
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0; got {beta}")
-    _check_unit_interval("label_smoothing", label_smoothing)
-    if loss_type == "ipo" and label_smoothing:
-        raise ValueError(
-            "label_smoothing applies to the sigmoid forms only; it must be 0 with loss_type='ipo'"
-        )
+    _check_preference_options("dpkd_token_loss", _TOKEN_DPKD_TYPES, loss_type, beta, label_smoothing)
     mask = labels != IGNORE_INDEX
-    student_rows = _valid_rows(student_logits, mask)
-    teacher_rows = _valid_rows(teacher_logits, mask)
+    student_rows = valid_rows(student_logits, mask)
+    teacher_rows = valid_rows(teacher_logits, mask)
     with torch.no_grad():
         chosen = teacher_rows.argmax(dim=-1, keepdim=True)
         rejected = student_rows.argmax(dim=-1, keepdim=True)
-    student_chosen = _upcast(student_rows.gather(-1, chosen).squeeze(-1))
-    margin = student_chosen - _upcast(student_rows.gather(-1, rejected).squeeze(-1))
+    student_chosen = upcast(student_rows.gather(-1, chosen).squeeze(-1))
+    margin = student_chosen - upcast(student_rows.gather(-1, rejected).squeeze(-1))
     if not reference_free:
-        teacher_chosen = _upcast(teacher_rows.gather(-1, chosen).squeeze(-1))
-        margin = margin - (teacher_chosen - _upcast(teacher_rows.gather(-1, rejected).squeeze(-1)))
+        teacher_chosen = upcast(teacher_rows.gather(-1, chosen).squeeze(-1))
+        margin = margin - (teacher_chosen - upcast(teacher_rows.gather(-1, rejected).squeeze(-1)))
 
     if loss_type == "ipo":
         per_token = (margin - 1.0 / (2.0 * beta)) ** 2
     else:
         per_token = _preference_nll(beta * margin, label_smoothing)
     if loss_type == "dpop":
-        teacher_logp_chosen = _upcast(teacher_rows.gather(-1, chosen).squeeze(-1)) - torch.logsumexp(
-            _upcast(teacher_rows), dim=-1
+        teacher_logp_chosen = upcast(teacher_rows.gather(-1, chosen).squeeze(-1)) - torch.logsumexp(
+            upcast(teacher_rows), dim=-1
         )
-        student_logp_chosen = student_chosen - torch.logsumexp(_upcast(student_rows), dim=-1)
+        student_logp_chosen = student_chosen - torch.logsumexp(upcast(student_rows), dim=-1)
         per_token = per_token + dpop_lambda * torch.clamp(teacher_logp_chosen - student_logp_chosen, min=0.0)
     return _reduce(per_token, mask, reduction, num_items_in_batch)
 
@@ -433,35 +359,8 @@ TOKEN_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sequence level: log-probabilities and the paper's DPKD objective
+# Sequence level: the paper's DPKD objective (the summed log-probs come from `dpkd.logprobs`)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per row of (N, V) logits, in float32, without a (N, V) log-softmax."""
-    logits = _upcast(logits)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sum of label log-probabilities and number of scored tokens.
-
-    ``sum_logps[b] = Σ_{i: labels[b, i] ≠ −100} log softmax(logits[b, i])[labels[b, i]]`` (float32), and
-    ``n_tokens[b]`` counts those positions. Shapes: logits (B, L, V), labels (B, L); returns (B,), (B,).
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"logits must be (B, L, V) and labels (B, L); got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    mask = labels != IGNORE_INDEX
-    token_logps = _token_logps(_valid_rows(logits, mask), labels[mask])
-    return _sum_per_sequence(token_logps, mask), mask.sum(dim=1)
-
-
-def _sum_per_sequence(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scatter the values at the valid positions of ``mask`` (B, L) back to per-sequence sums (B,)."""
-    sequence_index = mask.nonzero()[:, 0]
-    return token_values.new_zeros(mask.size(0)).index_add(0, sequence_index, token_values)
 
 
 _SEQUENCE_DPKD_TYPES = ("sigmoid", "ipo", "simpo", "cpo", "dpop")
@@ -517,15 +416,7 @@ def dpkd_sequence_loss(
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each (B,). Rewards are detached implicit rewards:
     ``β·ρ(y)`` for the reference-based types, ``β·π(y)`` for the reference-free ones (simpo, cpo).
     """
-    if loss_type not in _SEQUENCE_DPKD_TYPES:
-        raise ValueError(f"loss_type must be one of {_SEQUENCE_DPKD_TYPES}; got {loss_type!r}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0; got {beta}")
-    _check_unit_interval("label_smoothing", label_smoothing)
-    if loss_type == "ipo" and label_smoothing:
-        raise ValueError(
-            "label_smoothing applies to the sigmoid forms only; it must be 0 with loss_type='ipo'"
-        )
+    _check_preference_options("dpkd_sequence_loss", _SEQUENCE_DPKD_TYPES, loss_type, beta, label_smoothing)
     if loss_type == "simpo" and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError("loss_type='simpo' is length-normalised: pass chosen_lengths and rejected_lengths")
     if (chosen_lengths is None) != (rejected_lengths is None):
@@ -534,16 +425,16 @@ def dpkd_sequence_loss(
     if shapes != {student_chosen_logps.shape}:
         raise ValueError("the four log-prob tensors must have the same shape (B,)")
 
-    student_chosen = _normalise_by_length(_upcast(student_chosen_logps), chosen_lengths, "chosen_lengths")
+    student_chosen = _normalise_by_length(upcast(student_chosen_logps), chosen_lengths, "chosen_lengths")
     student_rejected = _normalise_by_length(
-        _upcast(student_rejected_logps), rejected_lengths, "rejected_lengths"
+        upcast(student_rejected_logps), rejected_lengths, "rejected_lengths"
     )
     if loss_type in ("simpo", "cpo"):
         chosen_score, rejected_score = student_chosen, student_rejected
     else:
-        teacher_chosen = _normalise_by_length(_upcast(teacher_chosen_logps), chosen_lengths, "chosen_lengths")
+        teacher_chosen = _normalise_by_length(upcast(teacher_chosen_logps), chosen_lengths, "chosen_lengths")
         teacher_rejected = _normalise_by_length(
-            _upcast(teacher_rejected_logps), rejected_lengths, "rejected_lengths"
+            upcast(teacher_rejected_logps), rejected_lengths, "rejected_lengths"
         )
         chosen_score = student_chosen - teacher_chosen
         rejected_score = student_rejected - teacher_rejected
@@ -562,211 +453,3 @@ def dpkd_sequence_loss(
         losses = _preference_nll(beta * (difference - penalty), label_smoothing)
     return losses, beta * chosen_score.detach(), beta * rejected_score.detach()
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Chunked forms: hidden states + lm_head weights in, no (tokens × vocab) tensor kept for the backward
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """lm_head projection of (N, H) hidden states to (N, V) logits, in the weight's (upcast) dtype."""
-    return F.linear(hidden.to(weight.dtype), weight, bias)
-
-
-def _upcast_optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    # Cast once, outside the chunk loop: a bf16 lm_head would otherwise be copied to float32 per chunk.
-    return None if tensor is None else _upcast(tensor)
-
-
-def _checkpointed(function: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-    """``function(*args)`` under activation checkpointing when a backward pass may follow."""
-    if not torch.is_grad_enabled():  # scoring under no_grad / inference_mode: nothing to recompute
-        return function(*args)
-    return checkpoint(function, *args, use_reentrant=False)
-
-
-def _check_chunk_size(chunk_size: int) -> None:
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-
-
-def chunked_token_loss(
-    loss_fn: Callable[..., torch.Tensor],
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    chunk_size: int = 256,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    recompute: bool = True,
-    **loss_kwargs,
-) -> torch.Tensor:
-    """Any token-level loss of this module, from final hidden states and ``lm_head`` weights.
-
-    Equals ``loss_fn(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
-    teacher_bias, labels, num_items_in_batch=num_items_in_batch, **loss_kwargs)`` in value and gradients,
-    without materialising the (B, L, V) logits: the valid positions (label ≠ −100) are gathered, then
-    processed ``chunk_size`` at a time; each chunk's summed loss (``reduction="sum"``) is computed under
-    ``torch.utils.checkpoint`` so that its logits are recomputed in the backward pass instead of stored.
-    The teacher's projection runs without gradient. The total is divided by the number of valid tokens, or
-    by ``num_items_in_batch`` when given.
-
-    ``recompute=False`` trades the recomputation for storage of hidden-size tensors: each chunk's gradient
-    with respect to the student's hidden states, weight and bias is taken during the forward pass and kept
-    ((N, H_s) and (V, H_s), never vocabulary-per-token), so the backward pass only scales it. Same values
-    and gradients, about the dense form's time instead of one extra forward pass (docs/benchmarks.md);
-    the loss cannot then be differentiated twice.
-
-    Shapes: hidden states (B, L, H_s) and (B, L, H_t) (the widths may differ), weights (V, H_s) and
-    (V, H_t), labels (B, L); ``hidden[:, i]`` predicts ``labels[:, i]`` (already shifted).
-    """
-    _check_chunk_size(chunk_size)
-    if student_hidden.shape[:2] != labels.shape or teacher_hidden.shape[:2] != labels.shape:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)} and "
-            f"labels {tuple(labels.shape)} must agree on (B, L)"
-        )
-    if student_weight.size(0) != teacher_weight.size(0):
-        raise ValueError(
-            f"student and teacher lm_head weights must share the vocabulary; got {student_weight.size(0)} "
-            f"and {teacher_weight.size(0)} rows"
-        )
-    mask = labels != IGNORE_INDEX
-    student_rows = student_hidden[mask]
-    teacher_rows = teacher_hidden[mask]
-    row_labels = labels[mask]
-    student_weight, student_bias = _upcast_optional(student_weight), _upcast_optional(student_bias)
-    teacher_weight, teacher_bias = _upcast_optional(teacher_weight), _upcast_optional(teacher_bias)
-
-    def chunk_loss(
-        student_chunk: torch.Tensor,
-        teacher_chunk: torch.Tensor,
-        label_chunk: torch.Tensor,
-        student_w: torch.Tensor,
-        student_b: torch.Tensor | None,
-    ) -> torch.Tensor:
-        student_logits = _project(student_chunk, student_w, student_b)
-        with torch.no_grad():
-            teacher_logits = _project(teacher_chunk, teacher_weight, teacher_bias)
-        return loss_fn(
-            student_logits.unsqueeze(0),
-            teacher_logits.unsqueeze(0),
-            label_chunk.unsqueeze(0),
-            reduction="sum",
-            **loss_kwargs,
-        )
-
-    student_leaves = (student_rows, student_weight, student_bias)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student_leaves)
-    if not recompute and needs_grad:
-        total = _GradientInForward.apply(chunk_loss, chunk_size, teacher_rows, row_labels, *student_leaves)
-        return _divide_total(total, row_labels.numel(), num_items_in_batch)
-
-    # Starts from a zero tied to the student's inputs so that an all-ignored batch still back-propagates.
-    total = _upcast(student_rows).sum() * 0.0
-    for start in range(0, row_labels.numel(), chunk_size):
-        end = start + chunk_size
-        total = total + _checkpointed(
-            chunk_loss,
-            student_rows[start:end],
-            teacher_rows[start:end],
-            row_labels[start:end],
-            student_weight,
-            student_bias,
-        )
-    return _divide_total(total, row_labels.numel(), num_items_in_batch)
-
-
-def _divide_total(
-    total: torch.Tensor, n_valid: int, num_items_in_batch: int | torch.Tensor | None
-) -> torch.Tensor:
-    if num_items_in_batch is None:
-        return total / max(n_valid, 1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
-
-
-class _GradientInForward(torch.autograd.Function):
-    """Sum of ``chunk_loss`` over chunks, whose gradients w.r.t. the student's rows, weight and bias are
-    computed chunk by chunk during the forward pass; the backward pass scales them by the output's grad."""
-
-    @staticmethod
-    def forward(ctx, chunk_loss, chunk_size, teacher_rows, row_labels, student_rows, weight, bias):
-        wants = [x is not None and x.requires_grad for x in (student_rows, weight, bias)]
-        grad_rows = torch.zeros_like(student_rows) if wants[0] else None
-        grad_weight = torch.zeros_like(weight) if wants[1] else None
-        grad_bias = torch.zeros_like(bias) if wants[2] else None
-        total = weight.new_zeros(())
-        for start in range(0, row_labels.numel(), chunk_size):
-            end = start + chunk_size
-            with torch.enable_grad():
-                rows = student_rows[start:end].detach().requires_grad_(wants[0])
-                chunk_weight = weight.detach().requires_grad_(wants[1])
-                chunk_bias = None if bias is None else bias.detach().requires_grad_(wants[2])
-                loss = chunk_loss(
-                    rows, teacher_rows[start:end], row_labels[start:end], chunk_weight, chunk_bias
-                )
-                leaves = [x for x, want in zip((rows, chunk_weight, chunk_bias), wants) if want]
-                chunk_grads = iter(torch.autograd.grad(loss, leaves))
-            if wants[0]:
-                grad_rows[start:end] = next(chunk_grads)
-            if wants[1]:
-                grad_weight += next(chunk_grads)
-            if wants[2]:
-                grad_bias += next(chunk_grads)
-            total += loss.detach()
-        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grads = [None if grad is None else grad * grad_total for grad in ctx.saved_tensors]
-        return None, None, None, None, *grads
-
-
-def chunked_sequence_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    chunk_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sequence_logps` of the logits ``hidden @ weight.T + bias``, without materialising them.
-
-    Valid positions are projected ``chunk_size`` at a time under activation checkpointing (logits are
-    recomputed in the backward pass). Shapes: hidden (B, L, H), weight (V, H), labels (B, L). Returns
-    ``(sum_logps[B], n_tokens[B])`` with gradient to ``hidden``, ``weight`` and ``bias``.
-    """
-    _check_chunk_size(chunk_size)
-    if hidden.shape[:2] != labels.shape:
-        raise ValueError(
-            f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must agree on (B, L)"
-        )
-    mask = labels != IGNORE_INDEX
-    rows = hidden[mask]
-    row_labels = labels[mask]
-    weight, bias = _upcast_optional(weight), _upcast_optional(bias)
-
-    def chunk_logps(
-        hidden_chunk: torch.Tensor, label_chunk: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
-    ) -> torch.Tensor:
-        return _token_logps(_project(hidden_chunk, w, b), label_chunk)
-
-    chunks = [
-        _checkpointed(
-            chunk_logps,
-            rows[start : start + chunk_size],
-            row_labels[start : start + chunk_size],
-            weight,
-            bias,
-        )
-        for start in range(0, row_labels.numel(), chunk_size)
-    ]
-    token_logps = torch.cat(chunks) if chunks else _upcast(rows).sum(-1)
-    return _sum_per_sequence(token_logps, mask), mask.sum(dim=1)

@@ -1,4 +1,5 @@
-"""Models and tokenizers: loading, building small ones offline, and deriving students from teachers.
+"""Models and tokenizers: loading, building small ones offline, deriving students from teachers, and the
+hidden-state helpers the training step projects through (final hidden states, running inside a DDP/FSDP wrapper).
 
 Nothing here downloads: everything loads from local paths or is built from a config.
 """
@@ -6,11 +7,13 @@ Nothing here downloads: everything loads from local paths or is built from a con
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from dpkd.suggest import did_you_mean
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -85,6 +88,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return _DTYPES[dtype]
 
 
+def _resolve_name(path: str | Path) -> str | Path:
+    """A registered model name (`dpkd.pretrained.MODELS`, e.g. `smollm2-135m-instruct`) → its converted folder."""
+    from dpkd import pretrained
+
+    return pretrained.resolve(path)
+
+
 def _check_local_source(path: str | Path, gguf_file: str | None) -> None:
     """Fail early and by name on a local path that does not exist (a hub id, `org/name`, is passed through)."""
     path = Path(path)
@@ -103,7 +113,8 @@ def load_causal_lm(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM from a local directory (or hub id) with `AutoModelForCausalLM.from_pretrained`.
+    """Load a causal LM from a local directory, a hub id or a registered name (`dpkd.pretrained`) with
+    `AutoModelForCausalLM.from_pretrained`.
 
     safetensors weights are preferred when both formats are present (a `.bin` checkpoint is read with
     `torch.load(weights_only=True)` by transformers). `gguf_file` names a GGUF file inside `path`
@@ -113,6 +124,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    path = _resolve_name(path)
     _check_local_source(path, gguf_file)
     kwargs = {"trust_remote_code": trust_remote_code}
     resolved = resolve_dtype(dtype)
@@ -124,7 +136,33 @@ def load_causal_lm(
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["use_safetensors"] = _has_safetensors(path) or None
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return _from_files(lambda: AutoModelForCausalLM.from_pretrained(str(path), **kwargs), "model", path, gguf_file)
+
+
+class ModelFileError(ValueError):
+    """A model or tokenizer whose files cannot be read (truncated weights, a corrupt GGUF file, a broken
+    config): the message names the folder or file."""
+
+
+def _from_files(load: Callable[[], object], what: str, path: str | Path, gguf_file: str | None):
+    """`load()`, with the errors of unreadable files raised as a ModelFileError that names them."""
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
+
+    # A corrupt GGUF file fails in the gguf reader with whatever numpy or struct raise on short data.
+    expected = (Exception,) if gguf_file is not None else (OSError, ValueError, RuntimeError, SafetensorError,
+                                                           UnpicklingError)
+    try:
+        return load()
+    except (ImportError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except expected as err:
+        source = Path(path) / gguf_file if gguf_file is not None else path
+        detail = " ".join(str(err).split()) or type(err).__name__
+        damaged = gguf_file is not None or isinstance(err, SafetensorError | RuntimeError | UnpicklingError)
+        hint = " (is a file truncated or corrupt? copy or download the model again)" if damaged else ""
+        raise ModelFileError(f"{source}: cannot load the {what}: {detail}{hint}") from err
 
 
 def _has_safetensors(path: str | Path) -> bool:
@@ -145,11 +183,12 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
+    path = _resolve_name(path)
     _check_local_source(path, gguf_file)
     kwargs = {"trust_remote_code": trust_remote_code, "padding_side": padding_side}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    tokenizer = _from_files(lambda: AutoTokenizer.from_pretrained(str(path), **kwargs), "tokenizer", path, gguf_file)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer at {str(path)!r} has neither a pad nor an EOS token")
@@ -295,6 +334,23 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+def apply_peft(model: PreTrainedModel, fields: dict):
+    """`apply_lora` from a recipe's `peft:` section, written with `peft.LoraConfig`'s own field names (`r`,
+    `lora_alpha`, `lora_dropout`, `target_modules`, ...); an unknown name is a ValueError naming it."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"peft: unknown LoraConfig field(s) {', '.join(unknown)}"
+                         f"{did_you_mean(unknown[0], known)}")
+    options = {k: v for k, v in fields.items() if k != "task_type"}
+    return apply_lora(model, r=options.pop("r", 8), alpha=options.pop("lora_alpha", 16),
+                      dropout=options.pop("lora_dropout", 0.05), **options)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Distributed: the frozen teacher
 # ---------------------------------------------------------------------------------------------------------
@@ -366,3 +422,79 @@ def shard_with_fsdp2(model: PreTrainedModel, **fully_shard_options) -> PreTraine
         fully_shard(block, **fully_shard_options)
     fully_shard(model, **fully_shard_options)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hidden states and heads: what the trainer projects itself
+# ---------------------------------------------------------------------------------------------------------
+
+# Config fields of models whose logits are not `lm_head(hidden)`; projecting hidden states with the head alone
+# would ignore them.
+LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack without the `lm_head` (looking through a peft wrapper, whose adapters live inside it)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.base_model
+
+
+def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last-layer hidden states (B, L, H), after the final norm; no logits are computed.
+
+    The backbone is called rather than the model so that no position goes through the `lm_head`: the
+    caller projects only the loss-bearing positions.
+    """
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    return backbone(model)(**kwargs).last_hidden_state
+
+
+def check_plain_lm_head(model: torch.nn.Module, name: str) -> None:
+    """Raise unless the model's logits are its `lm_head` applied to its final hidden states."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field_name in LOGIT_TRANSFORM_FIELDS:
+        if getattr(config, field_name, None) not in (None, 1, 1.0):
+            raise ValueError(f"{name}: its config sets {field_name}={getattr(config, field_name)!r}; the trainer "
+                             "projects hidden states with the lm_head alone and does not apply that transform")
+
+
+def check_vocabularies_match(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """Raise unless both output layers score the same number of tokens."""
+    t = teacher.get_output_embeddings().weight.shape[0]
+    s = student.get_output_embeddings().weight.shape[0]
+    if t != s:
+        raise ValueError(f"teacher_model: its output vocabulary has {t} entries but the student's has {s}; "
+                         "teacher-forced distillation compares distributions over one shared vocabulary")
+
+
+def is_fsdp2(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def run_in_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callable, *args):
+    """Call `fn(*args)` as the forward of `wrapper` (DDP, FSDP), so the wrapper does its forward-time work
+    (gradient-sync bookkeeping, gathering sharded parameters) around everything `fn` touches, including
+    the `lm_head` applied outside the model's own forward. `fn` must call the backbone, not `module`
+    itself (a nested root call would reshard FSDP parameters on its way out)."""
+    if wrapper is module and not is_fsdp2(module):
+        return fn(*args)
+    original_forward = module.forward
+
+    def redirected(*_args, **_kwargs):
+        module.forward = original_forward
+        return fn(*args)
+
+    module.forward = redirected
+    try:
+        return wrapper()
+    finally:
+        module.forward = original_forward

@@ -8,9 +8,7 @@ student run names it as its teacher, or when its `dpkd_run.json` says `"method":
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,13 +255,3 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     report.write_text("\n".join(lines))
     return report
 
-
-def report_from_cli(args: argparse.Namespace) -> int:
-    """`dpkd report RUN_DIR... --out DIR`: see `write_report`."""
-    try:
-        path = write_report(args.runs, args.out)
-    except ReportError as err:
-        print(f"dpkd report: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0

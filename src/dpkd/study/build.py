@@ -1,0 +1,147 @@
+"""What the stages make: the data, the tokenizer, initial models, trained models and their evaluations.
+
+Plain functions of paths and settings, usable outside the study (`bench/demo_parallel.py` times `train`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+class Layout:
+    """Where each stage writes under the output folder."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.data = out / "data"
+        self.split = {split: self.data / f"{split}.jsonl" for split in ("train", "dev", "test")}
+        self.tokenizer = out / "tokenizer"
+        self.teacher = out / "teacher"
+        self.student_init = out / "student_init"
+
+    def model(self, name: str) -> Path:
+        """The folder of `teacher` or of a method's run."""
+        return self.teacher if name == "teacher" else self.out / "runs" / name
+
+
+def fresh(path: Path) -> Path:
+    """An empty folder for a stage that is (re)done: leftovers of an interrupted attempt go."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def build_data(values: dict, folder: Path) -> dict[str, Path]:
+    from dpkd.tasks import write_splits
+
+    data = values["data"]
+    sizes = {split: data[split] for split in ("train", "dev", "test")}
+    return write_splits(folder, sizes, seed=values["seed"], tasks=data.get("tasks"), template=data.get("template"))
+
+
+def _read_prompts_and_answers(path: Path) -> list[str]:
+    from dpkd.data import load_instruction_data
+
+    rows = load_instruction_data(str(path))
+    return [p + c for p, c in zip(rows["prompt"], rows["completion"])]
+
+
+def build_tokenizer(values: dict, train_path: Path, folder: Path) -> None:
+    from dpkd.modeling import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(_read_prompts_and_answers(train_path), vocab_size=values["tokenizer"]["vocab_size"])
+    tokenizer.save_pretrained(folder)
+
+
+def build_initial_model(sizes: dict, tokenizer_dir: Path, folder: Path, seed: int, max_positions: int) -> int:
+    """Save a randomly initialised Llama-style model of `sizes` with the tokenizer; return its parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpkd.modeling import load_tokenizer, save_model_and_tokenizer, tiny_config
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = tiny_config("llama", len(tokenizer), n_layer=sizes["n_layer"], d_model=sizes["d_model"],
+                         n_head=sizes["n_head"], max_positions=max_positions, eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    save_model_and_tokenizer(model, tokenizer, folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def train(args, init_dir: Path, train_path: Path, save_to: Path, teacher_dir: Path | None = None,
+          progress=None) -> dict:
+    """Train `init_dir` with `args` (a DistillationConfig) and save the model to `save_to`; return the
+    last logged values. `progress`: a `TrainerCallback` that replaces the trainer's own progress bar."""
+    from dpkd.data import load_instruction_data
+    from dpkd.modeling import load_causal_lm, load_tokenizer
+    from dpkd.trainer import DistillationTrainer
+
+    tokenizer = load_tokenizer(init_dir)
+    student = load_causal_lm(init_dir)
+    teacher = load_causal_lm(teacher_dir.resolve()) if teacher_dir is not None and args.spec.needs_teacher else None
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=load_instruction_data(str(train_path)), processing_class=tokenizer)
+    if progress is not None:
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress)
+    trainer.train()
+    trainer.save_model(str(save_to))
+    if Path(save_to) != Path(args.output_dir) and trainer.is_world_process_zero():
+        tokenizer.save_pretrained(save_to)
+    return last_logged(trainer.state.log_history)
+
+
+def last_logged(log_history: list[dict]) -> dict:
+    """The latest value of every name a training run logged."""
+    logged: dict = {}
+    for entry in log_history:
+        logged.update(entry)
+    return logged
+
+
+def fill_teacher_samples(args, teacher_dir: Path, train_path: Path, batch_size: int) -> int:
+    """Sample the teacher's responses to every training prompt into the cache that `args` (the config of a
+    method that reads the teacher-output cache) reads, in large batches: much faster on a CPU than the
+    trainer's per-step batches."""
+    from dpkd.data import load_instruction_data, tokenize_dataset
+    from dpkd.modeling import load_causal_lm, load_tokenizer
+    from dpkd.teacher_cache import TeacherOutputCache, fill_teacher_cache, model_fingerprint
+
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher = load_causal_lm(teacher_dir).eval()
+    rows = load_instruction_data(str(train_path), template=args.template)
+    tokenized, _ = tokenize_dataset(rows, tokenizer, max_prompt_length=args.max_prompt_length,
+                                    max_length=args.max_length, prompt_truncation=args.prompt_truncation)
+    cache = TeacherOutputCache(args.teacher_cache_dir, teacher_id=model_fingerprint(teacher),
+                               sampling=args.sampling())
+    return fill_teacher_cache(teacher, tokenizer, tokenized, cache, args.sampling(), batch_size=batch_size)
+
+
+def evaluate(model_dir: Path, test_path: Path, eval_values: dict, out_dir: Path, *, greedy: bool = False,
+             seeds: list[int] | None = None) -> dict:
+    from dpkd.evaluation import evaluate_model
+    from dpkd.generation import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=eval_values["max_new_tokens"], do_sample=not greedy)
+    return evaluate_model(model_dir, data=[str(test_path)], seeds=seeds or eval_values["seeds"], out_dir=out_dir,
+                          batch_size=eval_values["batch_size"], sampling=sampling, max_prompt_length=None)
+
+
+def summary(metrics: dict) -> dict:
+    """The mean/std summary of the one evaluation set in a study's `metrics.json`."""
+    (result,) = metrics["sets"].values()
+    return result["summary"]
+
+
+def results_table(rows: list[tuple[str, dict]]) -> str:
+    """Markdown: one row per model, exact match and ROUGE-L as mean ± std over the seeds."""
+    lines = ["| model | exact match | ROUGE-L |", "|---|---|---|"]
+    for label, values in rows:
+        em, rl = values["exact_match"], values["rougeL"]
+        lines.append(f"| {label} | {em['mean']:.1f} ± {em['std']:.1f} | {rl['mean']:.1f} ± {rl['std']:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""The demo recipe: its schema, loading with the `quick`/`big` overlays, checks, and training configs.
+
+Every check runs before any data or model is made: a bad recipe fails in a second, naming the file and
+the key, instead of after the teacher has trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpkd.suggest import did_you_mean
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+METHODS = ("sft", "kd", "seqkd", "rkl", "jsd", "dpkd_token", "dpkd")
+PROFILES = ("quick", "big")
+
+# The recipe's shape: nested mappings of allowed keys; a leaf `dict` is a mapping of DistillationConfig
+# fields, checked by constructing the config.
+_SCHEMA: dict[str, Any] = {
+    "seed": int,
+    "workers": (int, str),
+    "threads": (int, str),
+    "data": {"train": int, "dev": int, "test": int, "template": str, "tasks": list},
+    "tokenizer": {"vocab_size": int},
+    "teacher": {"d_model": int, "n_layer": int, "n_head": int, "processes": int, "training": dict},
+    "student": {"d_model": int, "n_layer": int, "n_head": int},
+    "distill": {"common": dict, "methods": dict},
+    "eval": {"seeds": list, "max_new_tokens": int, "batch_size": int},
+    "quick": dict,
+    "big": dict,
+}
+_OPTIONAL = ("workers", "threads")  # default `auto`
+# Settings of every training run that the demo owns; a recipe cannot override them.
+_FIXED_TRAINING = {"output_dir", "method", "seed", "teacher_cache_dir", "save_strategy", "report_to"}
+
+
+class DemoError(ValueError):
+    """A bad recipe or output folder: the message names the file and key."""
+
+
+@dataclass
+class DemoRecipe:
+    """A validated demo recipe: the merged settings and the training configurations they imply."""
+
+    source: str
+    values: dict
+
+    def section(self, name: str) -> dict:
+        return self.values[name]
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_shape(values: dict, schema: dict, where: str, path: str = "") -> None:
+    for key, value in values.items():
+        name = f"{path}{key}"
+        if key not in schema:
+            hint = did_you_mean(key, schema, n=1, prefix=path)
+            raise DemoError(f"{where}: unknown key {name!r}{hint}; allowed here: {', '.join(schema)}")
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise DemoError(f"{where}: {name!r} must be a mapping of {', '.join(expected)}")
+            _check_shape(value, expected, where, f"{name}.")
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            kinds = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            raise DemoError(f"{where}: {name!r} must be {kinds}, got {value!r}")
+
+
+def load_demo_recipe(path: str | Path | None = None, profile: str | None = None) -> DemoRecipe:
+    """Read the YAML recipe (default: the bundled one), apply the `quick`/`big` overlay, check everything.
+
+    Errors name the file and the key; the training settings are checked by building every
+    `DistillationConfig` the run will use, before any data or model is made.
+    """
+    import yaml
+
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise DemoError(f"--config: no such recipe file {str(path)!r}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise DemoError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise DemoError(f"{path}: a demo recipe is a mapping of sections ({', '.join(_SCHEMA)})")
+    _check_shape(raw, _SCHEMA, str(path))
+    for name in PROFILES:
+        base_schema = {k: v for k, v in _SCHEMA.items() if k not in PROFILES}
+        _check_shape(raw.get(name, {}), base_schema, str(path), f"{name}.")
+    if profile is not None:
+        if profile not in PROFILES:
+            raise DemoError(f"profile: expected one of {', '.join(PROFILES)}, got {profile!r}")
+        if profile not in raw:
+            raise DemoError(f"{path}: has no {profile!r} section, so --{profile} has nothing to apply")
+    values = _merge({k: v for k, v in raw.items() if k not in PROFILES}, raw.get(profile, {}) if profile else {})
+    missing = [k for k in _SCHEMA if k not in (*PROFILES, *_OPTIONAL) and k not in values]
+    if missing:
+        raise DemoError(f"{path}: missing section(s) {', '.join(missing)} (see the bundled {DEFAULT_CONFIG.name})")
+    recipe = DemoRecipe(source=f"{path}" + (f" --{profile}" if profile else ""), values=values)
+    _check_values(recipe, str(path))
+    return recipe
+
+
+def _check_values(recipe: DemoRecipe, where: str) -> None:
+    from dpkd.tasks import TASKS
+
+    v = recipe.values
+    for split in ("train", "dev", "test"):
+        if v["data"].get(split, 0) < 1:
+            raise DemoError(f"{where}: data.{split} must be a positive number of examples")
+    unknown = [t for t in v["data"].get("tasks", []) if t not in TASKS]
+    if unknown:
+        raise DemoError(f"{where}: data.tasks: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    template = v["data"].get("template")
+    if template is not None and ("{instruction}" not in template or "{input}" not in template):
+        raise DemoError(f"{where}: data.template must contain {{instruction}} and {{input}}")
+    for key in ("workers", "threads"):
+        setting = v.get(key, "auto")
+        if not (setting == "auto" or (isinstance(setting, int) and setting >= 1)):
+            raise DemoError(f"{where}: {key} must be 'auto' or a positive integer, got {setting!r}")
+    for model in ("teacher", "student"):
+        for key in ("d_model", "n_layer", "n_head"):
+            if v[model].get(key, 0) < 1:
+                raise DemoError(f"{where}: {model}.{key} must be a positive integer")
+        if v[model]["d_model"] % v[model]["n_head"]:
+            raise DemoError(f"{where}: {model}.d_model must be divisible by {model}.n_head")
+    processes = v["teacher"].get("processes", 1)
+    batch = (v["teacher"].get("training") or {}).get("per_device_train_batch_size", 8)
+    if processes < 1 or batch % processes:
+        raise DemoError(f"{where}: teacher.processes must be a positive integer that divides "
+                        f"teacher.training.per_device_train_batch_size ({batch}), got {processes}")
+    methods = v["distill"].get("methods") or {}
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise DemoError(f"{where}: distill.methods: expected a mapping with keys among {', '.join(METHODS)}, "
+                        f"got {list(methods)}")
+    seeds = v["eval"].get("seeds") or []
+    if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise DemoError(f"{where}: eval.seeds must be a list of distinct integers, got {seeds!r}")
+    for key in ("max_new_tokens", "batch_size"):
+        if v["eval"].get(key, 0) < 1:
+            raise DemoError(f"{where}: eval.{key} must be a positive integer")
+    # Building each config checks every training field and its range (DistillationConfig.__post_init__).
+    training_configs(recipe, Path("unused"), where=where)
+
+
+def _training_fields(fields: dict, where: str, key: str) -> dict:
+    from dpkd.config import DistillationConfig
+
+    fixed = sorted(_FIXED_TRAINING & set(fields))
+    if fixed:
+        raise DemoError(f"{where}: {key}: {', '.join(fixed)} are set by the demo itself")
+    known = [f.name for f in dataclasses.fields(DistillationConfig) if f.init]
+    for name in fields:
+        if name not in known:
+            raise DemoError(f"{where}: {key}: {name!r} is not a DistillationConfig field{did_you_mean(name, known)}")
+    return dict(fields)
+
+
+def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None) -> dict:
+    """`{"teacher": DistillationConfig, method: DistillationConfig, ...}` for this recipe and output folder."""
+    from dpkd.config import DistillationConfig
+
+    where = where or recipe.source
+    v = recipe.values
+    base = {"seed": v["seed"], "save_strategy": "no", "report_to": "none", "lr_scheduler_type": "cosine",
+            "disable_tqdm": False, "dataloader_num_workers": 0, "dataloader_pin_memory": False}
+    fields = {"teacher": ("teacher.training", {**base, "method": "sft", "output_dir": str(out / "teacher" / "training"),
+                                               **_training_fields(v["teacher"].get("training") or {}, where,
+                                                                  "teacher.training")})}
+    common = _training_fields(v["distill"].get("common") or {}, where, "distill.common")
+    for method, own in (v["distill"].get("methods") or {}).items():
+        fields[method] = (f"distill.methods.{method}", {
+            **base, **common, **_training_fields(own or {}, where, f"distill.methods.{method}"),
+            "method": method, "output_dir": str(out / "runs" / method),
+            "teacher_cache_dir": str(out / "teacher_cache")})
+    configs = {}
+    for name, (key, kwargs) in fields.items():
+        steps = kwargs.get("max_steps", -1)
+        kwargs.setdefault("logging_steps", max(1, steps // 10) if steps > 0 else 10)
+        try:
+            configs[name] = DistillationConfig(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise DemoError(f"{where}: {key}: {err}") from None
+    return configs

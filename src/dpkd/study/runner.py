@@ -1,0 +1,127 @@
+"""Running a study: the stages not done yet, each in a worker process as soon as what it needs is done,
+then the report."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from dpkd.study.stages import Stage, StageMarkers
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (from the main thread only); return the one it replaces."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def run_stages(stages: list[Stage], markers: StageMarkers, *, source: str, values: dict, out: Path,
+               workers: int, threads: int, log: TextIO | None = None, bars: TextIO | None = None,
+               run: Callable | None = None) -> None:
+    """Run the stages not marked done, each in a worker process as soon as what it needs is done.
+
+    `run(name, source, values, out, context)` does one stage (default: `dpkd.study.stages.run_stage`; a
+    module-level function, as the workers import it). A stage's marker is written by this process after
+    the stage returns, so a stage cut short by Ctrl-C or an error is redone by the next run. On Ctrl-C,
+    SIGTERM or a failed stage the other workers are stopped. Log lines go to `log`, bars to `bars`.
+    """
+    from dpkd.study.progress import ProgressBoard
+    from dpkd.study.stages import run_stage
+    from dpkd.study.workers import WorkerPool
+
+    board = ProgressBoard(stages, log if log is not None else io.StringIO(), bars)
+    done = set()
+    for s in stages:
+        if markers.is_done(s.name, s.key):
+            board.write(f"{board.number[s.name]} {s.title}: done before, reused")
+            done.add(s.name)
+    todo = [s for s in stages if s.name not in done]
+    if not todo:
+        return
+    by_name = {s.name: s for s in stages}
+    pool = None
+    failed = True
+    # `kill` (SIGTERM) stops the study as Ctrl-C does: workers stopped, finished stages kept.
+    previous_handler = _on_sigterm(_raise_keyboard_interrupt)
+    try:
+        pool = WorkerPool(min(workers, len(todo)), threads, run or run_stage, (source, values, str(out)))
+        while todo or pool.running:
+            held = {by_name[name].uses for name in pool.running.values()} - {None}
+            for s in sorted(todo, key=lambda s: s.order):
+                if not pool.idle():
+                    break
+                if all(n in done for n in s.needs) and (s.uses is None or s.uses not in held):
+                    todo.remove(s)
+                    board.start(s.name)
+                    pool.start(s.name)
+                    if s.uses:
+                        held.add(s.uses)
+            if not pool.running:
+                raise RuntimeError(f"stages that can never start: {', '.join(s.name for s in todo)}")
+            for kind, name, value in pool.messages(timeout=0.2):  # a stage's error is raised here
+                if kind == "done":
+                    seconds = board.finish(name)
+                    markers.mark(name, by_name[name].key, seconds=round(seconds, 1))
+                    done.add(name)
+                else:
+                    board.receive(kind, name, value)
+            board.tick()
+        failed = False
+    finally:
+        _on_sigterm(previous_handler)
+        board.close()
+        if pool is not None:
+            if failed:
+                pool.stop()
+            else:
+                pool.close()
+
+
+def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, profile: str | None = None,
+             log: TextIO | None = None, bars: TextIO | None = None) -> Path:
+    """Run (or resume) the whole study under `out`; return the path of the report.
+
+    The study's log lines go to `log`, the running stages' progress bars to `bars` (None: not written).
+    """
+    from dpkd.report import write_report
+    from dpkd.study.build import Layout, results_table, summary
+    from dpkd.study.recipe import load_demo_recipe, training_configs
+    from dpkd.study.stages import study_stages
+    from dpkd.study.workers import resolve_parallelism
+
+    log = log if log is not None else io.StringIO()
+    started = time.perf_counter()
+    recipe = load_demo_recipe(config, profile)  # every setting is checked before any work starts
+    out = Path(out).resolve()
+    v = recipe.values
+    workers, threads = resolve_parallelism(v.get("workers", "auto"), v.get("threads", "auto"))
+    configs = training_configs(recipe, out)
+    stages = study_stages(v, configs)
+    log.write(f"dpkd demo: recipe {recipe.source}; output {out}; {workers} worker process(es) × {threads} "
+              f"CPU thread(s)\n")
+    run_stages(stages, StageMarkers(out), source=recipe.source, values=v, out=out, workers=workers,
+               threads=threads, log=log, bars=bars)
+
+    log.write(f"[{len(stages) + 1}/{len(stages) + 1}] writing the report ...\n")
+    at = Layout(out)
+    names = ["teacher", *v["distill"]["methods"]]
+    report = write_report([at.model(name) for name in names], out / "report")
+    rows = [(name, summary(json.loads((at.model(name) / "eval" / "metrics.json").read_text()))) for name in names]
+    table = results_table(rows)
+    (out / "report" / "summary.md").write_text(
+        f"Test split ({v['data']['test']} examples), mean ± std over seeds {v['eval']['seeds']}:\n\n{table}\n")
+    log.write(f"\n{table}\n\n")
+    log.write(f"dpkd demo: finished in {time.perf_counter() - started:.0f}s; report {report}\n")
+    return report

@@ -1,0 +1,280 @@
+"""The stages of a study as one table: for each kind of stage, what it needs, what its key hashes, and the
+function that runs it (in a worker process).
+
+A stage is marked done by `<out>/stages/<name>.done`, which holds its key: a hash of its own settings and
+of the keys of the stages it reads from, so editing the recipe redoes exactly the stages it affects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpkd.study.build import (
+    Layout,
+    build_data,
+    build_initial_model,
+    build_tokenizer,
+    evaluate,
+    fill_teacher_samples,
+    fresh,
+    summary,
+    train,
+)
+
+
+@dataclass
+class Stage:
+    """One stage of a study, as the scheduler sees it."""
+
+    name: str
+    key: str
+    title: str
+    needs: tuple[str, ...] = ()
+    uses: str | None = None  # a resource no two running stages share
+    order: int = 0  # among ready stages, the lowest starts first: the longest chain to the end goes first
+
+
+class StageMarkers:
+    """`<out>/stages/<name>.done` holds the hash of what the stage was made from; written last."""
+
+    def __init__(self, out: Path):
+        self.folder = out / "stages"
+
+    def is_done(self, name: str, key: str) -> bool:
+        marker = self.folder / f"{name}.done"
+        return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+    def mark(self, name: str, key: str, **info: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{name}.done").write_text(json.dumps({"key": key, **info}, indent=2) + "\n")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """What the rows of the table read: the checked recipe's values, each method's `MethodSpec`, the
+    training configs (only for titles), and the keys of the stages listed before."""
+
+    values: dict
+    specs: dict
+    max_positions: int
+    configs: dict | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.values["distill"]["methods"])
+
+    @property
+    def cache_readers(self) -> list[str]:
+        """The methods that read the teacher's sampled responses from the shared cache (and may add to it)."""
+        return [m for m in self.methods if self.specs[m].family.reads_teacher_cache]
+
+    def steps(self, name: str) -> int:
+        return self.configs[name].max_steps
+
+
+@dataclass
+class Job:
+    """A stage to run, as its function in the table receives it (in a worker process)."""
+
+    item: str | None  # the method or model of a per-method or per-model stage
+    source: str
+    values: dict
+    out: Path
+    configs: dict
+    max_positions: int
+    context: Any  # a `dpkd.study.workers.StageContext`
+
+    @property
+    def at(self) -> Layout:
+        return Layout(self.out)
+
+
+# --- what each kind of stage runs ---------------------------------------------------------------------
+
+
+def _data(job: Job) -> None:
+    build_data(job.values, fresh(job.at.data))
+
+
+def _tokenizer(job: Job) -> None:
+    build_tokenizer(job.values, job.at.split["train"], fresh(job.at.tokenizer))
+
+
+def _teacher(job: Job) -> None:
+    import torch
+
+    from dpkd.study.workers import train_data_parallel
+
+    v, at, args = job.values, job.at, job.configs["teacher"]
+    folder = fresh(at.teacher)
+    n_params = build_initial_model(v["teacher"], at.tokenizer, folder / "init", v["seed"], job.max_positions)
+    job.context.note(f"    teacher: {n_params / 1e6:.2f}M parameters")
+    processes = v["teacher"].get("processes", 1)
+    if processes > 1 and not torch.cuda.is_available():
+        logged = train_data_parallel(processes, job.source, v, job.out, job.context)
+    else:
+        logged = train(args, folder / "init", at.split["train"], folder, progress=job.context.progress_callback())
+    shutil.rmtree(folder / "init")
+    # Marks the folder as the teacher for `dpkd report` (its training curve is kept out of the chart).
+    (folder / "dpkd_run.json").write_text(json.dumps(
+        {"method": "teacher", "trained_with": "sft", "max_steps": args.max_steps,
+         "final_loss": logged.get("train_loss")}, indent=2) + "\n")
+    dev = summary(evaluate(folder, at.split["dev"], v["eval"], folder / "dev_greedy", greedy=True, seeds=[0]))
+    job.context.note(f"    teacher on dev, greedy: exact match {dev['exact_match']['mean']:.1f}, "
+                     f"ROUGE-L {dev['rougeL']['mean']:.1f}")
+
+
+def _student_init(job: Job) -> None:
+    v = job.values
+    n_params = build_initial_model(v["student"], job.at.tokenizer, fresh(job.at.student_init), v["seed"] + 1,
+                                   job.max_positions)
+    job.context.note(f"    student: {n_params / 1e6:.2f}M parameters")
+
+
+def _teacher_samples(job: Job) -> None:
+    import torch
+
+    v = job.values
+    torch.manual_seed(v["seed"])
+    first = next(m for m in v["distill"]["methods"] if job.configs[m].spec.family.reads_teacher_cache)
+    n = fill_teacher_samples(job.configs[first], job.at.teacher, job.at.split["train"], v["eval"]["batch_size"])
+    job.context.note(f"    {n} teacher responses sampled")
+
+
+def _train(job: Job) -> None:
+    at = job.at
+    train(job.configs[job.item], at.student_init, at.split["train"], fresh(at.model(job.item)),
+          teacher_dir=at.teacher, progress=job.context.progress_callback())
+
+
+def _eval(job: Job) -> None:
+    folder = job.at.model(job.item)
+    evaluate(folder, job.at.split["test"], job.values["eval"], folder / "eval")
+
+
+# --- the table ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A row of `STAGES`: one stage, or one per item (`each`: the methods, or the models to evaluate),
+    named `name` with `{}` replaced by the item. `needs`, `title`, `order` and `uses` are values, or
+    functions of the plan and the item."""
+
+    name: str
+    needs: tuple[str, ...] | Callable  # stages that must be done first
+    inputs: Callable[[Plan, Any], Any]  # what the key hashes: own settings and upstream keys
+    title: str | Callable
+    run: Callable[[Job], None]  # does the stage, in a worker process
+    each: Callable[[Plan], list] = lambda plan: [None]
+    order: int | Callable = 0  # among ready stages, the lowest starts first
+    uses: str | None | Callable = None  # a resource no two running stages share
+
+    def instances(self, plan: Plan) -> list[tuple[str, Any]]:
+        return [(self.name.format(item), item) for item in self.each(plan)]
+
+    def stage(self, plan: Plan, name: str, item: Any) -> Stage:
+        def value(field):
+            return field(plan, item) if callable(field) else field
+
+        return Stage(name, plan.keys[name], value(self.title), value(self.needs), value(self.uses), value(self.order))
+
+
+def _train_needs(plan: Plan, method: str) -> tuple[str, ...]:
+    spec = plan.specs[method]
+    return (("student_init",) + (("teacher",) if spec.needs_teacher else ())
+            + (("teacher_samples",) if spec.family.reads_teacher_cache else ()))
+
+
+def _trained(model: str) -> str:
+    """The stage that makes `model` (the teacher, or a method's student)."""
+    return "teacher" if model == "teacher" else f"train_{model}"
+
+
+def _sizes(v: dict) -> str:
+    return ", ".join(f"{split} {v['data'][split]}" for split in ("train", "dev", "test"))
+
+
+STAGES: tuple[StageKind, ...] = (
+    StageKind("data", needs=(), run=_data, title=lambda p, _: f"generating the tasks ({_sizes(p.values)})",
+              inputs=lambda p, _: {"seed": p.values["seed"], "data": p.values["data"]}),
+    StageKind("tokenizer", needs=("data",), run=_tokenizer, title="training the tokenizer",
+              inputs=lambda p, _: [p.keys["data"], p.values["tokenizer"]]),
+    StageKind("teacher", needs=("tokenizer",), run=_teacher,
+              title=lambda p, _: f"training the teacher ({p.steps('teacher')} steps)",
+              inputs=lambda p, _: [p.keys["tokenizer"], p.values["teacher"], p.max_positions]),
+    StageKind("student_init", needs=("tokenizer",), run=_student_init, title="initialising the student", order=1,
+              inputs=lambda p, _: [p.keys["tokenizer"], p.values["student"], p.values["seed"], p.max_positions]),
+    # One sampling pass in large batches fills the cache for every method that reads it.
+    StageKind("teacher_samples", needs=("teacher",), run=_teacher_samples, order=1,
+              each=lambda p: [None] if p.cache_readers else [],
+              title=lambda p, _: f"sampling the teacher's responses for {', '.join(p.cache_readers)}",
+              inputs=lambda p, _: [p.keys["teacher"], p.values["distill"]["common"], p.values["eval"]["batch_size"]]),
+    # The methods that read the shared cache take turns (`uses`), so two processes never write or compact
+    # it at once; those that sample the student at every step run longest, so they start first. SFT never
+    # sees the teacher: its key leaves the teacher out, so a new teacher keeps the SFT student.
+    StageKind("train_{}", needs=_train_needs, run=_train, each=lambda p: p.methods,
+              title=lambda p, m: f"distilling with {m} ({p.steps(m)} steps)",
+              order=lambda p, m: 2 if p.specs[m].family.samples_student else 3,
+              uses=lambda p, m: "teacher_cache" if p.specs[m].family.reads_teacher_cache else None,
+              inputs=lambda p, m: [p.keys["student_init"], p.keys["teacher"] if p.specs[m].needs_teacher else None,
+                                   p.values["distill"]["common"], p.values["distill"]["methods"][m]]),
+    StageKind("eval_{}", needs=lambda p, name: (_trained(name),), run=_eval, order=4,
+              each=lambda p: ["teacher", *p.methods],
+              title=lambda p, name: f"evaluating {name} on test ({len(p.values['eval']['seeds'])} seeds)",
+              inputs=lambda p, name: [p.keys[_trained(name)], p.values["eval"]]),
+)
+
+
+def _plan(values: dict, specs: dict, max_positions: int, configs: dict | None = None) -> Plan:
+    """The plan with every stage's key filled in, in table order."""
+    plan = Plan(values, specs, max_positions, configs)
+    for kind in STAGES:
+        for name, item in kind.instances(plan):
+            plan.keys[name] = _digest(kind.inputs(plan, item))
+    return plan
+
+
+def stage_keys(values: dict, max_positions: int) -> dict[str, str]:
+    """Each stage's key: a hash of its own settings and of the keys of the stages it reads from."""
+    from dpkd.config import METHODS as SPECS
+
+    return _plan(values, {m: SPECS[m] for m in values["distill"]["methods"]}, max_positions).keys
+
+
+def _max_positions(configs: dict) -> int:
+    return max(c.max_length for c in configs.values())
+
+
+def study_stages(values: dict, configs: dict) -> list[Stage]:
+    """Every stage of the study, in the order they are numbered, with what each needs first."""
+    specs = {m: configs[m].spec for m in values["distill"]["methods"]}
+    plan = _plan(values, specs, _max_positions(configs), configs)
+    return [kind.stage(plan, name, item) for kind in STAGES for name, item in kind.instances(plan)]
+
+
+def run_stage(name: str, source: str, values: dict, out: str | Path, context) -> None:
+    """Do the stage `name` of the study described by `values` (a checked recipe) under `out`, reporting
+    through `context` (a `dpkd.study.workers.StageContext`)."""
+    from dpkd.study.recipe import DemoRecipe, training_configs
+
+    out = Path(out)
+    configs = training_configs(DemoRecipe(source=source, values=values), out)
+    specs = {m: configs[m].spec for m in values["distill"]["methods"]}
+    plan = Plan(values, specs, _max_positions(configs), configs)
+    rows = {instance: (kind, item) for kind in STAGES for instance, item in kind.instances(plan)}
+    if name not in rows:
+        raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(rows)}")
+    kind, item = rows[name]
+    kind.run(Job(item, source, values, out, configs, plan.max_positions, context))
