@@ -582,3 +582,29 @@ __all__ = [
     "find_data_dir", "load_instruction_data", "load_pretrain_chunks", "packaged_data_dir", "special_prefix",
     "tokenize_dataset",
 ]
+
+
+def prepare_training_dataset(dataset, tokenizer, args, name: str):
+    """Any format `load_instruction_data` reads → a dataset with `prompt_input_ids` and `completion_input_ids`,
+    tokenised with the template, lengths and truncation of `args` (a `DistillationConfig`); `name` is the
+    argument named in errors."""
+    if dataset is None:
+        return None
+    columns = set(dataset.column_names)
+    if not {"prompt_input_ids", "completion_input_ids"} <= columns:
+        dataset = load_instruction_data(dataset, template=args.template, tokenizer=tokenizer)
+        dataset, _ = tokenize_dataset(dataset, tokenizer, max_prompt_length=args.max_prompt_length,
+                                      max_length=args.max_length, prompt_truncation=args.prompt_truncation)
+        if len(dataset) == 0:
+            raise ValueError(f"{name}: no example left after tokenization (prompts over max_prompt_length="
+                             f"{args.max_prompt_length} are dropped with prompt_truncation='drop')")
+    if (getattr(args, "train_sampling_strategy", "random") != "random"
+            and args.length_column_name not in dataset.column_names):
+        # The length-aware samplers (group_by_length, batch_rebalance) read each example's length from this
+        # column; without it they look for an `input_ids` column, which this dataset does not have.
+        def length(example: dict) -> dict:
+            total = len(example["prompt_input_ids"]) + len(example["completion_input_ids"])
+            return {args.length_column_name: min(total, args.max_length)}
+
+        dataset = dataset.map(length, desc="lengths")
+    return dataset

@@ -498,3 +498,15 @@ def run_in_wrapper(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callab
         return wrapper()
     finally:
         module.forward = original_forward
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    """Dropout off: every `torch.nn.Dropout`'s p, and every float attribute named `*dropout` of a module (the
+    attention dropout Llama-style models read from their config at build time), set to 0, as TRL's
+    `disable_dropout_in_model`. The model's config is left as it was, so a saved model keeps its dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)

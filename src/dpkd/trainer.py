@@ -8,8 +8,9 @@ loss is always
     L_pt = (1 − pretrain_kd_ratio) · CE(pretraining chunks) + pretrain_kd_ratio · KD(teacher, same chunks)
 
 where CE(sft_target) is on the dataset responses or on the teacher's cached samples y_t, and the method's
-family (`dpkd.families`, one per row of `dpkd.config.METHODS`) samples what L_distill reads and computes it. The configuration is `dpkd.config.DistillationConfig`; recipes and the command line
-are `dpkd.recipe` and `dpkd.cli`.
+family (`dpkd.families`, one per row of `dpkd.config.METHODS`) samples what L_distill reads and computes it.
+The configuration is `dpkd.config.DistillationConfig`; recipes and the command line are `dpkd.recipe` and
+`dpkd.cli`; staged saving and `last_complete_checkpoint` are `dpkd.checkpoints`.
 
 Finite or stop: a loss term or gradient norm that is not finite stops training with a `NonFiniteError`
 naming the step, the term and what to try (or, with `skip_nonfinite`, drops that optimizer step and counts
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -36,7 +36,15 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from dpkd.checkpoints import (
+    STAGING_PREFIX,
+    last_complete_checkpoint,
+    move_into_place,
+    replace_model_files,
+    unstaged,
+)
 from dpkd.config import METHODS, DistillationConfig
+from dpkd.data import prepare_training_dataset
 from dpkd.families import Step, Term, pretrain_term
 from dpkd.generation import (
     build_scoring_batch,
@@ -46,59 +54,26 @@ from dpkd.generation import (
     score_sequences,
     unwrap_for_generation,
 )
-from dpkd.modeling import check_plain_lm_head, check_vocabularies_match, prepare_teacher, run_in_wrapper
+from dpkd.modeling import (
+    check_plain_lm_head,
+    check_vocabularies_match,
+    disable_dropout_in_model,
+    prepare_teacher,
+    run_in_wrapper,
+)
 from dpkd.teacher_cache import TeacherOutputCache, model_fingerprint, teacher_outputs, write_atomically
 
-__all__ = ["METHODS", "DistillationConfig", "DistillationTrainer", "NonFiniteError", "last_complete_checkpoint"]
-
-# A save in progress lives in `<output_dir>/.partial-<name>` until it is complete and renamed to `<name>`.
-STAGING_PREFIX = ".partial-"
-# Weight files as `save_pretrained` names them (sharded or not, full model or adapter).
-_WEIGHTS_FILE = re.compile(r"(?:pytorch_model|model|adapter_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)(?:\.index\.json)?")
-# Files whose presence says a saved model folder is loadable; written last, removed first.
-_MODEL_MARKERS = ("config.json", "adapter_config.json")
-
+__all__ = [
+    "METHODS",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "NonFiniteError",
+    "disable_dropout_in_model",
+    "last_complete_checkpoint",
+]
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight; raised before anything non-finite is saved."""
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest `checkpoint-<step>` folder in `output_dir` that is complete, or None.
-
-    Complete: `trainer_state.json` reads as JSON and the model weights are there (every shard an index names).
-    Staging folders (`.partial-*`, left by a save that was killed) and torn folders are passed over.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.iterdir():
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-        if match and path.is_dir() and _is_complete_checkpoint(path):
-            found.append((int(match[1]), path))
-    return max(found)[1] if found else None
-
-
-def _is_complete_checkpoint(path: Path) -> bool:
-    try:
-        state = json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(state, dict):
-        return False
-    names = os.listdir(path)
-    if any(name.startswith(("pytorch_model_fsdp", "global_step")) for name in names):
-        return True  # FSDP sharded and DeepSpeed checkpoints
-    weights = [name for name in names if _WEIGHTS_FILE.fullmatch(name)]
-    for index in (name for name in weights if name.endswith(".index.json")):
-        try:
-            shards = set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
-            return False
-        if not all((path / shard).is_file() for shard in shards):
-            return False
-    return bool(weights)
 
 
 class DistillationTrainer(Trainer):
@@ -177,12 +152,12 @@ class DistillationTrainer(Trainer):
         self.pad_token_id = processing_class.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id
-        train_dataset = _prepare_dataset(train_dataset, processing_class, args, "train_dataset")
+        train_dataset = prepare_training_dataset(train_dataset, processing_class, args, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: _prepare_dataset(v, processing_class, args, f"eval_dataset[{k!r}]")
+            eval_dataset = {k: prepare_training_dataset(v, processing_class, args, f"eval_dataset[{k!r}]")
                             for k, v in eval_dataset.items()}
         else:
-            eval_dataset = _prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
+            eval_dataset = prepare_training_dataset(eval_dataset, processing_class, args, "eval_dataset")
         if data_collator is None:
             data_collator = DistillationCollator(self.pad_token_id, max_length=args.max_length)
 
@@ -508,7 +483,7 @@ class DistillationTrainer(Trainer):
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
                 raise NonFiniteError(self._fault_message(f"weight {name} holds {kind} values",
-                                                         saving=str(_unstaged(output_dir or self.args.output_dir))))
+                                                         saving=str(unstaged(output_dir or self.args.output_dir))))
         super()._save(output_dir, state_dict)
         self.write_model_card(output_dir or self.args.output_dir)
 
@@ -525,7 +500,7 @@ class DistillationTrainer(Trainer):
         settings = {key: getattr(value, "value", value) for key, value in settings.items()}
         settings["kd_ratio"] = self.kd_ratio
         model = self.accelerator.unwrap_model(self.model)
-        return write_model_card(folder, eval_folder=_unstaged(folder), method=a.method, student=_model_name(model),
+        return write_model_card(folder, eval_folder=unstaged(folder), method=a.method, student=_model_name(model),
                                 teacher=_model_name(self.teacher_model) if self.teacher_model is not None else None,
                                 data=self.data_name, settings=settings,
                                 adapter=hasattr(model, "peft_config") if adapter is None else adapter)
@@ -561,7 +536,7 @@ class DistillationTrainer(Trainer):
             if best is not None and Path(best) == staged:
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-            _move_into_place(staged, final)
+            move_into_place(staged, final)
             staging.rmdir()
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -582,7 +557,7 @@ class DistillationTrainer(Trainer):
             raise
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            _replace_model_files(staging, target)
+            replace_model_files(staging, target)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -633,88 +608,11 @@ class DistillationTrainer(Trainer):
         return path
 
 
-def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    """Dropout off: every `torch.nn.Dropout`'s p, and every float attribute named `*dropout` of a module (the
-    attention dropout Llama-style models read from their config at build time), set to 0, as TRL's
-    `disable_dropout_in_model`. The model's config is left as it was, so a saved model keeps its dropout."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if name.endswith("dropout") and isinstance(value, float):
-                setattr(module, name, 0.0)
-
-
 def _describe_terms(terms: dict[str, float]) -> str:
     listed = ", ".join(f"{name} = {value:g}" for name, value in sorted(terms.items()))
     return f"term {listed} is not finite" if len(terms) == 1 else f"terms {listed} are not finite"
 
 
-def _unstaged(path: str | os.PathLike) -> Path:
-    """Where a save into a staging folder will end up (for messages)."""
-    path = Path(path)
-    if path.name.startswith(STAGING_PREFIX):
-        return path.parent
-    if path.parent.name.startswith(STAGING_PREFIX):
-        return path.parent.parent / path.name
-    return path
-
-
-def _move_into_place(source: Path, target: Path) -> None:
-    """Rename the folder `source` to `target`, replacing an older `target` (set aside first, deleted after)."""
-    if target.exists():
-        old = target.with_name(f"{STAGING_PREFIX}old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)
-
-
-def _replace_model_files(staging: Path, target: Path) -> None:
-    """Move a saved model's files from `staging` into `target`: the marker files (`config.json`) go first and
-    come back last, and weight files of an older save that the new one does not have are removed."""
-    new = {path.name for path in staging.iterdir()}
-    for marker in _MODEL_MARKERS:
-        (target / marker).unlink(missing_ok=True)
-    for path in target.iterdir():
-        if path.is_file() and _WEIGHTS_FILE.fullmatch(path.name) and path.name not in new:
-            path.unlink()
-    for path in sorted(staging.iterdir(), key=lambda p: p.name in _MODEL_MARKERS):
-        destination = target / path.name
-        if path.is_dir() and destination.exists():
-            shutil.rmtree(destination)
-        os.replace(path, destination)
-    staging.rmdir()
-
-
 def _model_name(model) -> str | None:
     model = getattr(model, "module", model)
     return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-
-
-def _prepare_dataset(dataset, tokenizer, args: DistillationConfig, name: str):
-    """Any format `dpkd.data` reads → a dataset with `prompt_input_ids` and `completion_input_ids`."""
-    if dataset is None:
-        return None
-    from dpkd import data
-
-    columns = set(dataset.column_names)
-    if not {"prompt_input_ids", "completion_input_ids"} <= columns:
-        dataset = data.load_instruction_data(dataset, template=args.template, tokenizer=tokenizer)
-        dataset, _ = data.tokenize_dataset(dataset, tokenizer, max_prompt_length=args.max_prompt_length,
-                                           max_length=args.max_length, prompt_truncation=args.prompt_truncation)
-        if len(dataset) == 0:
-            raise ValueError(f"{name}: no example left after tokenization (prompts over max_prompt_length="
-                             f"{args.max_prompt_length} are dropped with prompt_truncation='drop')")
-    if (getattr(args, "train_sampling_strategy", "random") != "random"
-            and args.length_column_name not in dataset.column_names):
-        # The length-aware samplers (group_by_length, batch_rebalance) read each example's length from this
-        # column; without it they look for an `input_ids` column, which this dataset does not have.
-        def length(example: dict) -> dict:
-            total = len(example["prompt_input_ids"]) + len(example["completion_input_ids"])
-            return {args.length_column_name: min(total, args.max_length)}
-
-        dataset = dataset.map(length, desc="lengths")
-    return dataset
