@@ -235,7 +235,7 @@ def _stand_in_rank(parent: int) -> None:
     time.sleep(600)
 
 
-def stand_in_demo(out, config=None, profile=None, log=None, bars=None) -> None:
+def stand_in_demo(out, config=None, profile=None, log=None, bars=None, seeds=None) -> None:
     """`run_demo` on the stand-in study instead of the recipe's."""
     stages = [Stage("first", "k-first", "a stage that returns at once"),
               Stage("second", "k-second", "a stage that never ends", needs=("first",))]
@@ -417,3 +417,158 @@ def _finish_and_rerun(out: Path) -> None:
     assert sum("done before, reused" in line for line in reused) == 5 + 2 * len(METHODS) + 1
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")} == weights
 
+
+
+# --- the paper's protocol: a warm start, training seeds, the paired table -----------------------------
+
+PAPER_RECIPE = REPO_ROOT / "src" / "dpkd" / "configs" / "study" / "paper-protocol.yaml"
+
+
+def test_paired_difference_is_the_mean_and_std_of_per_seed_differences():
+    from dpkd.study import paired_differences
+
+    # Seeds 0, 1, 2: differences 2 − 1 = 1, 5 − 2 = 3, 4 − 2 = 2; mean 2, population std sqrt(2/3).
+    paired = paired_differences({0: 2.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 2.0})
+    assert paired["per_seed"] == {0: 1.0, 1: 3.0, 2: 2.0}
+    assert paired["mean"] == pytest.approx(2.0)
+    assert paired["std"] == pytest.approx((2 / 3) ** 0.5)
+    assert paired["n"] == 3
+    with pytest.raises(ValueError, match="same training seeds"):
+        paired_differences({0: 1.0, 1: 2.0}, {0: 1.0, 2: 2.0})
+
+
+def test_paired_table_pairs_each_method_with_the_control_of_the_same_seed():
+    from dpkd.study.build import paired_table
+
+    per_method = {"sft": {0: {"exact_match": 10.0, "rougeL": 20.0}, 1: {"exact_match": 30.0, "rougeL": 40.0}},
+                  "dpkd": {0: {"exact_match": 12.0, "rougeL": 19.0}, 1: {"exact_match": 30.0, "rougeL": 43.0}}}
+    # Exact match: +2 and 0 → +1.0 ± 1.0; ROUGE-L: −1 and +3 → +1.0 ± 2.0 (unpaired, the spreads would be 10).
+    assert paired_table(per_method).splitlines()[2:] == ["| dpkd | +1.0 ± 1.0 | +1.0 ± 2.0 | 2 |"]
+    one_seed = {m: {0: per_seed[0]} for m, per_seed in per_method.items()}
+    assert paired_table(one_seed).splitlines()[2:] == ["| dpkd | +2.0 | -1.0 | 1 |"]
+
+
+def test_paper_protocol_recipe_warm_starts_and_trains_each_method_per_seed():
+    recipe = load_demo_recipe(PAPER_RECIPE)
+    v = recipe.values
+    assert v["init"] == "sft" and v["training_seeds"] == [0, 1, 2]
+    configs = training_configs(recipe, Path("out"))
+    assert configs["warm_start"].method == "sft" and configs["warm_start"].max_steps == 250
+    # The demo's sizes: its data, teacher and student stages are the demo's own.
+    demo_keys, keys = stage_keys(load_demo_recipe(None).values, 160), stage_keys(v, 160)
+    assert all(keys[name] == demo_keys[name] for name in ("data", "tokenizer", "teacher", "student_init"))
+    stages = {s.name: s for s in study_stages(v, configs)}
+    for m in METHODS:
+        for seed in (0, 1, 2):
+            assert configs[f"{m}_s{seed}"].seed == seed
+            assert configs[f"{m}_s{seed}"].output_dir == str(Path("out") / "runs" / f"{m}_s{seed}")
+            assert "warm_start" in stages[f"train_{m}_s{seed}"].needs
+            assert stages[f"eval_{m}_s{seed}"].needs == (f"train_{m}_s{seed}",)
+    assert stages["warm_start"].needs == ("student_init",) and "eval_warm_start" in stages
+    # `--seeds` replaces the recipe's training seeds.
+    reseeded = training_configs(load_demo_recipe(PAPER_RECIPE, seeds=[7]), Path("out"))
+    assert [name for name in reseeded if name.startswith("sft_")] == ["sft_s7"] and reseeded["sft_s7"].seed == 7
+
+
+def test_warm_start_and_training_seed_enter_the_keys_of_the_runs_only():
+    base = load_demo_recipe(PAPER_RECIPE, "quick").values
+    keys = stage_keys(base, 160)
+
+    def changed(edit) -> set[str]:
+        values = json.loads(json.dumps(base))
+        edit(values)
+        new = stage_keys(values, 160)
+        return {name for name in keys if name not in new or new[name] != keys[name]}
+
+    runs = {f"train_{m}_s{s}" for m in METHODS for s in (0, 1, 2)}
+    evals = {f"eval_{m}_s{s}" for m in METHODS for s in (0, 1, 2)}
+    assert changed(lambda v: v["warm_start"].update(max_steps=9)) == {"warm_start", "eval_warm_start"} | runs | evals
+    assert changed(lambda v: v.update(training_seeds=[0, 1, 5])) == {
+        f"{stage}_{m}_s2" for stage in ("train", "eval") for m in METHODS}
+    # The same run from scratch has another key than from the warm start.
+    scratch = json.loads(json.dumps(base))
+    scratch.update(init="scratch")
+    scratch.pop("warm_start")
+    assert stage_keys(scratch, 160)["train_sft_s0"] != keys["train_sft_s0"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v.update(init="pretrained"), r"init must be one of scratch, sft"),
+    (lambda v: v.update(init="sft"), r"init: sft needs warm_start\.max_steps"),
+    (lambda v: v.update(warm_start={"max_steps": 5}), r"warm_start is read only with init: sft"),
+    (lambda v: v.update(init="sft", warm_start={"max_steps": 5, "seed": 1}), r"warm_start: seed"),
+    (lambda v: v.update(training_seeds=[1, 1]), r"training_seeds must be a non-empty list of distinct"),
+    (lambda v: v.update(training_seeds=[]), r"training_seeds must be"),
+])
+def test_bad_protocol_settings_name_the_key(tmp_path, edit, message):
+    import yaml
+
+    values = _bundled_values()
+    edit(values)
+    path = _write(tmp_path, yaml.safe_dump(values))
+    with pytest.raises(DemoError, match=message):
+        load_demo_recipe(path)
+
+
+def test_seeds_option_must_be_distinct_integers():
+    from dpkd.study import parse_training_seeds
+
+    assert parse_training_seeds("0,1,2") == [0, 1, 2]
+    for bad in ("0,x", "1,1", ""):
+        with pytest.raises(DemoError, match="--seeds"):
+            parse_training_seeds(bad)
+
+
+def _paired_rows(summary_md: str) -> dict[str, list[str]]:
+    """The paired table of a study's summary.md: method → [exact match, ROUGE-L, training seeds] cells."""
+    lines = summary_md.split("Paired with", 1)[1].splitlines()
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in lines if line.startswith("| ") and not line.startswith("| method")}
+
+
+@pytest.mark.slow
+def test_study_from_a_warm_start_with_training_seeds_pairs_each_method_with_sft(tmp_path):
+    import yaml
+
+    values = yaml.safe_load(PAPER_RECIPE.read_text())
+    values["distill"]["methods"] = {"sft": {}, "kd": {}}
+    values["eval"]["seeds"] = [10, 20]
+    values["quick"]["warm_start"] = {"max_steps": 4}
+    values["quick"]["distill"]["common"]["max_steps"] = 3
+    recipe = _write(tmp_path, yaml.safe_dump(values))
+    out = tmp_path / "study"
+    result = subprocess.run([*DPKD, "study", str(recipe), "--quick", "--seeds", "0,1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "warm-starting the student with sft (4 steps)" in result.stdout
+    warm = json.loads((out / "warm_start" / "dpkd_run.json").read_text())
+    assert warm["method"] == "sft" and warm["global_step"] == 4
+    assert warm["student"] == str(out.resolve() / "student_init")
+    runs = {f"{m}_s{seed}": (m, seed) for m in ("sft", "kd") for seed in (0, 1)}
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(runs)
+    for run, (method, seed) in runs.items():
+        record = json.loads((out / "runs" / run / "dpkd_run.json").read_text())
+        # Every run starts from the warm start's weights, with the same extra budget, under its own seed.
+        assert record["student"] == str(out.resolve() / "warm_start")
+        assert (record["method"], record["seed"], record["global_step"]) == (method, seed, 3)
+    # The training seed matters: the two SFT continuations differ.
+    assert (out / "runs" / "sft_s0" / "model.safetensors").read_bytes() != (
+        out / "runs" / "sft_s1" / "model.safetensors").read_bytes()
+
+    def seed_mean(run: str, metric: str) -> float:
+        (result_set,) = json.loads((out / "runs" / run / "eval" / "metrics.json").read_text())["sets"].values()
+        assert set(result_set["per_seed"]) == {"10", "20"}
+        return sum(s[metric] for s in result_set["per_seed"].values()) / 2
+
+    summary_md = (out / "report" / "summary.md").read_text()
+    kd = _paired_rows(summary_md)["kd"]
+    for cell, metric in zip(kd, ("exact_match", "rougeL")):
+        d = [seed_mean(f"kd_s{s}", metric) - seed_mean(f"sft_s{s}", metric) for s in (0, 1)]
+        mean, std = sum(d) / 2, abs(d[0] - d[1]) / 2
+        assert cell == f"{mean:+.1f} ± {std:.1f}", (metric, d)
+    assert kd[2] == "2"
+    assert list(_paired_rows(summary_md)) == ["kd"]
+    assert "Paired with the sft continued control" in result.stdout
+    assert "| sft continued |" in summary_md and "| warm start |" in summary_md
+    report = (out / "report" / "report.md").read_text()
+    assert "SFT continued (sft_s0)" in report and "SFT warm start" in report

@@ -323,3 +323,121 @@ def test_the_readme_python_snippets_run(model_pairs, tmp_path, monkeypatch):
             code = code.replace(placeholder, value)
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------
+# log_completions, as TRL
+
+
+def test_log_completions_writes_each_logging_steps_samples_decoded_from_the_sampled_ids(
+        model_pairs, tokenizer, tmp_path, make_config, make_dataset, caplog):
+    import logging
+
+    from dpkd.trainer import DistillationTrainer
+
+    teacher_dir, student_dir = model_pairs["llama"]
+    out = tmp_path / "run"
+    args = make_config(out, "dpkd", max_steps=2, logging_steps=1, save_strategy="no", log_completions=True,
+                       num_student_samples=2, num_completions_to_print=3)
+    trainer = DistillationTrainer(model=str(student_dir), teacher_model=str(teacher_dir), args=args,
+                                  train_dataset=make_dataset(n=8), processing_class=tokenizer)
+    sampled = []  # what each step really sampled: (student ids, mask), (teacher ids, mask)
+    sample_student, teacher_samples = trainer.sample_student, trainer.teacher_samples
+
+    def decoded(ids, mask):
+        return [tokenizer.decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask)]
+
+    def recording_student(*a, **k):
+        ids, mask = sample_student(*a, **k)
+        sampled.append({"student": decoded(ids, mask)})
+        return ids, mask
+
+    def recording_teacher(*a, **k):
+        ids, mask, logps = teacher_samples(*a, **k)
+        sampled[-1]["teacher"] = decoded(ids, mask)
+        return ids, mask, logps
+
+    trainer.sample_student, trainer.teacher_samples = recording_student, recording_teacher
+    with caplog.at_level(logging.INFO, logger="dpkd.trainer"):
+        trainer.train()
+    lines = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and len(sampled) == 2
+    for line, step in zip(lines, sampled):
+        assert len(line["prompts"]) == 3 and all(p for p in line["prompts"])
+        assert line["student_completions"] == step["student"][:3]  # k = 2 rows per prompt
+        assert line["teacher_completions"] == [step["teacher"][0], step["teacher"][0], step["teacher"][1]]
+        assert line["prompts"][0] == line["prompts"][1] != line["prompts"][2]
+    assert any(text for line in lines for text in line["student_completions"] + line["teacher_completions"])
+    assert sum("completion | prompt:" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_dpkd_train_shows_the_logged_completions_on_stderr(model_pairs, tmp_path, capsys):
+    import logging
+
+    teacher_dir, student_dir = model_pairs["llama"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q {i}:", "completion": f" a {i}"}) + "\n" for i in range(8)))
+    recipe = write_recipe(tmp_path / "r.yaml", student=str(student_dir), teacher=str(teacher_dir), method="seqkd",
+                          train_data=str(data), log_completions=True, num_completions_to_print=2, **TINY)
+    try:
+        assert main(["train", "--config", str(recipe), "--output_dir", str(tmp_path / "run")]) == 0
+    finally:  # the handler `dpkd train` gave the logger writes to this test's captured stderr
+        trainer_logger = logging.getLogger("dpkd.trainer")
+        for handler in list(trainer_logger.handlers):
+            trainer_logger.removeHandler(handler)
+        trainer_logger.setLevel(logging.NOTSET)
+    shown = [line for line in capsys.readouterr().err.splitlines() if "completion | prompt:" in line]
+    assert len(shown) == 2 and all(line.startswith("dpkd train: step 1 completion | prompt: 'Q ") for line in shown)
+    [line] = [json.loads(text) for text in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert line["student_completions"] is None and len(line["teacher_completions"]) == 2
+
+
+def test_without_log_completions_no_completions_are_kept(model_pairs, tokenizer, tmp_path, make_config,
+                                                         make_dataset):
+    from dpkd.trainer import DistillationTrainer
+
+    teacher_dir, student_dir = model_pairs["llama"]
+    out = tmp_path / "run"
+    trainer = DistillationTrainer(model=str(student_dir), teacher_model=str(teacher_dir),
+                                  args=make_config(out, "seqkd", max_steps=1, save_strategy="no"),
+                                  train_dataset=make_dataset(n=4), processing_class=tokenizer)
+    trainer.train()
+    assert not (out / "completions.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hub ids wherever a model is named
+
+
+def test_dpkd_eval_names_a_hub_id_it_cannot_fetch_before_any_heavy_work(tmp_path, monkeypatch, capsys):
+    import dpkd.evaluation
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("loaded before the hub id was checked")
+
+    monkeypatch.setattr(dpkd.evaluation, "load_instruction_data", heavy)
+    monkeypatch.setattr(dpkd.evaluation, "_load_model", heavy)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "no-such-org/no-such-model", "--data", "dolly", "--seeds", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dpkd eval: error: --model: 'no-such-org/no-such-model' is no local folder, and as a "
+                          "hub id it cannot be fetched: the Hugging Face Hub is offline (HF_HUB_OFFLINE is set)")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_a_hub_id_evaluates_into_runs_eval_and_a_folder_into_itself(student_dir):
+    from dpkd.evaluation import check_model_dir, default_out_dir
+
+    assert check_model_dir("org/name") == "org/name"
+    assert default_out_dir("org/name") == Path("runs", "eval", "org__name")
+    assert check_model_dir(student_dir) == student_dir and default_out_dir(student_dir) == student_dir / "eval"
+
+
+def test_a_recipes_hub_teacher_that_cannot_be_fetched_is_named(monkeypatch):
+    from dpkd.modeling import ModelFileError, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelFileError, match=r"no-such-org/teacher is a hub id: the Hugging Face Hub is offline"):
+        load_tokenizer("no-such-org/teacher")

@@ -85,6 +85,8 @@ def train_from_cli(config_path: str, overrides: list[str] | None = None) -> int:
     recipe = load_recipe(config_path, overrides)
     args = recipe.config
     folder = prepare_output_dir(recipe)
+    if args.log_completions:  # the trainer logs each logging step's samples at INFO: show them on the terminal
+        _log_to_stderr("dpkd.trainer", "dpkd train: %(message)s")
     tokenizer, student, teacher, train, evaluation, pretrain = load_models_and_data(recipe)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
                                   eval_dataset=evaluation, processing_class=tokenizer, pretrain_dataset=pretrain)
@@ -161,16 +163,16 @@ def teacher_generate_from_cli(config_path: str, overrides: list[str] | None = No
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="generate on evaluation sets and score exact match and ROUGE-L")
     p.add_argument("--model", required=True,
-                   help="directory of the model to evaluate, or a name from `dpkd models list`")
+                   help="directory of the model to evaluate, a hub id (org/name), or a name from `dpkd models list`")
     p.add_argument("--teacher", default=None,
-                   help="teacher directory or registered name, for implicit rewards and reverse KL")
+                   help="teacher directory, hub id or registered name, for implicit rewards and reverse KL")
     p.add_argument("--data", default="dolly,selfinst,vicuna,sinst",
                    help="comma-separated bundled set names (dolly, selfinst, vicuna, sinst, dolly-dev) or data files")
     p.add_argument("--data-dir", default=None,
                    help="folder to read the bundled sets from, laid out as MiniLLM's processed data "
                         "(default: $DPKD_DATA_DIR, else the copy packaged with dpkd)")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
-    p.add_argument("--out", default=None, help="output folder (default: <model>/eval)")
+    p.add_argument("--out", default=None, help="output folder (default: <model>/eval; runs/eval/<org>__<name> for a hub id)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each set")
     p.add_argument("--batch-size", type=int, default=8,
                    help="prompts per generation batch; part of what a resumed predictions file must match")
@@ -194,19 +196,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     """`dpkd eval`: check the arguments, run `evaluate_model`, print one summary line per set. Errors raise
     (`EvaluationError`, `DataError`, OSError); `main` reports them."""
-    import logging
     from pathlib import Path
 
-    from dpkd.evaluation import EvaluationError, evaluate_model, parse_seeds
+    from dpkd.evaluation import EvaluationError, default_out_dir, evaluate_model, parse_seeds
     from dpkd.generation import SamplingConfig
 
     # Resume notices go to the terminal; other libraries' loggers keep their own levels.
-    logger = logging.getLogger("dpkd.evaluation")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("dpkd eval: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    _log_to_stderr("dpkd.evaluation", "dpkd eval: %(message)s")
     if args.max_prompt_length < 1:
         raise EvaluationError(f"--max-prompt-length: expected at least 1 token, got {args.max_prompt_length}")
     seeds = parse_seeds(args.seeds)
@@ -214,9 +210,9 @@ def _run_eval(args: argparse.Namespace) -> int:
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     from dpkd.pretrained import resolve
 
-    model = Path(resolve(args.model))  # a registered name is converted once, then read from the cache
+    model = resolve(args.model)  # a registered name is converted once, then read from the cache
     teacher = None if args.teacher is None else resolve(args.teacher)
-    out_dir = Path(args.out) if args.out else model / "eval"
+    out_dir = Path(args.out) if args.out else default_out_dir(model)
     metrics = evaluate_model(
         model, data=args.data.split(","), seeds=seeds, out_dir=out_dir, teacher_dir=teacher,
         data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, sampling=sampling,
@@ -225,6 +221,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     )
     _print_eval_summary(metrics, out_dir)
     return 0
+
+
+def _log_to_stderr(name: str, form: str) -> None:
+    """Show the INFO records of dpkd's logger `name` on stderr; other libraries' loggers keep their levels."""
+    import logging
+
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(form))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _print_eval_summary(metrics: dict, out_dir) -> None:
@@ -254,30 +262,51 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_study_options(p: argparse.ArgumentParser) -> None:
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the recipe's `quick` overlay: a smoke run")
+    size.add_argument("--big", action="store_true", help="the recipe's `big` overlay: a bigger, slower run")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds, each method trained once per seed (replaces the "
+                        "recipe's training_seeds)")
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="run a whole comparison (data, teacher, student, every method, report) "
+                                     "from a study recipe of `dpkd demo`'s schema")
+    p.add_argument("recipe", help="study recipe (YAML), e.g. a copy of the bundled configs/demo.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
+    _add_study_options(p)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a complete distillation study on generated tasks, on a CPU in minutes")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--config", default=None, help="demo recipe (default: the bundled configs/demo.yaml)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
-    size.add_argument("--big", action="store_true", help="a bigger, slower run")
+    _add_study_options(p)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    """`dpkd demo [--out DIR] [--config FILE] [--quick | --big]`: the log on stdout, the bars on stderr."""
+def _run_study(args: argparse.Namespace) -> int:
+    """`dpkd study RECIPE [--out DIR] [--quick | --big] [--seeds S,...]`; `dpkd demo` is this command on
+    the bundled recipe. The log on stdout, the bars on stderr."""
     # Transparent huge pages for torch's CPU allocator: faster on CPUs; read when torch is first imported.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dpkd.study import run_demo
+    import dpkd.study
 
     profile = "quick" if args.quick else "big" if args.big else None
+    seeds = None if args.seeds is None else dpkd.study.parse_training_seeds(args.seeds)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # the log keeps pace with the bars under `| tee`, too
-    try:
-        run_demo(args.out, args.config, profile, log=sys.stdout, bars=sys.stderr)  # DemoError: `main` reports it
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.recipe))[0])
+    try:  # a DemoError: `main` reports it
+        if args.command == "demo":
+            dpkd.study.run_demo(args.out, args.config, profile, log=sys.stdout, bars=sys.stderr, seeds=seeds)
+        else:
+            dpkd.study.run_study(args.recipe, out, profile, seeds, log=sys.stdout, bars=sys.stderr)
     except KeyboardInterrupt:
-        print(f"\ndpkd demo: interrupted; run the same command again to resume from the finished stages in "
-              f"{args.out}", file=sys.stderr)
+        print(f"\ndpkd {args.command}: interrupted; run the same command again to resume from the finished "
+              f"stages in {out}", file=sys.stderr)
         return 130
     return 0
 
@@ -333,7 +362,8 @@ _COMMANDS = {
     "teacher-generate": (_add_teacher_generate, _run_teacher_generate),
     "eval": (_add_eval, _run_eval),
     "report": (_add_report, _run_report),
-    "demo": (_add_demo, _run_demo),
+    "study": (_add_study, _run_study),
+    "demo": (_add_demo, _run_study),
     "models": (_add_models, _run_models),
     "recipes": (_add_recipes, _run_recipes),
 }

@@ -82,28 +82,18 @@ DEFAULT_PREFERENCE_BETA = 0.1
 # Ranges of TrainingArguments' own numeric fields, checked (when set) before transformers reads them:
 # transformers checks few of them, and some only at the first step. max_steps (-1 or >= 1) and the
 # step-or-fraction fields (logging/save/eval/warmup steps) have their own checks in __post_init__.
+_NON_NEGATIVE = ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "eval_delay",
+                 "neftune_noise_alpha")
+_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+           "eval_accumulation_steps", "save_total_limit", "dataloader_prefetch_factor", "torch_empty_cache_steps",
+           "ddp_timeout")
 TRAINING_RANGES: dict[str, dict[str, Any]] = {
-    "learning_rate": dict(low=0.0),
-    "weight_decay": dict(low=0.0),
-    "adam_beta1": dict(low=0.0, high=1.0, high_open=True),
-    "adam_beta2": dict(low=0.0, high=1.0, high_open=True),
-    "adam_epsilon": dict(low=0.0),
-    "max_grad_norm": dict(low=0.0),
-    "num_train_epochs": dict(low=0.0, low_open=True),
-    "label_smoothing_factor": dict(low=0.0, high=1.0, high_open=True),
-    "per_device_train_batch_size": dict(low=1),
-    "per_device_eval_batch_size": dict(low=1),
-    "gradient_accumulation_steps": dict(low=1),
-    "eval_accumulation_steps": dict(low=1),
-    "save_total_limit": dict(low=1),
-    "seed": dict(low=0),
-    "data_seed": dict(low=0),
-    "dataloader_num_workers": dict(low=0),
-    "dataloader_prefetch_factor": dict(low=1),
-    "torch_empty_cache_steps": dict(low=1),
-    "eval_delay": dict(low=0.0),
-    "neftune_noise_alpha": dict(low=0.0),
-    "ddp_timeout": dict(low=1),
+    **dict.fromkeys(_NON_NEGATIVE, {"low": 0.0}),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "label_smoothing_factor"),
+                    {"low": 0.0, "high": 1.0, "high_open": True}),
+    "num_train_epochs": {"low": 0.0, "low_open": True},
+    **dict.fromkeys(_COUNTS, {"low": 1}),
+    **dict.fromkeys(("seed", "data_seed", "dataloader_num_workers"), {"low": 0}),
 }
 
 
@@ -132,8 +122,8 @@ class DistillationConfig(TrainingArguments):
         "help": "λ of the DPO-Positive penalty when dpkd_loss_type is `dpop`. Must be >= 0."})
     kd_ratio: float | None = field(default=None, metadata={
         "help": "Weight of the distillation term; 1 − kd_ratio weights cross-entropy on the dataset "
-                "responses (or on the teacher's samples: sft_target). Default per method: 0 for sft, 0.5 for kd (the paper's KD baseline), 1 otherwise. "
-                "In [0, 1]."})
+                "responses (or on the teacher's samples: sft_target). Default per method: 0 for sft, 0.5 for "
+                "kd (the paper's KD baseline), 1 otherwise. In [0, 1]."})
     lm_coef: float = field(default=0.5, metadata={
         "help": "Weight λ of the pre-training term L_pt (Algorithm 1: cross-entropy; mixed with KD by "
                 "pretrain_kd_ratio); used when a pre-training dataset is given. Must be >= 0."})
@@ -202,6 +192,14 @@ class DistillationConfig(TrainingArguments):
     skip_nonfinite: bool = field(default=False, metadata={
         "help": "Skip an optimizer step whose loss or gradient norm is not finite (no update; counted as "
                 "`nonfinite_skipped` in the logs) instead of stopping training with an error."})
+    log_completions: bool = field(default=False, metadata={
+        "help": "At every logging step, log a few of the last batch's prompts with the completions the step sampled "
+                "(the student's y_s; the teacher's y_t for methods that read them), as TRL's log_completions: a "
+                "line per step in <output_dir>/completions.jsonl, a table for wandb, and INFO lines through the "
+                "`dpkd.trainer` logger. Nothing is generated for it: a step that sampled nothing logs nothing."})
+    num_completions_to_print: int | None = field(default=None, metadata={
+        "help": "log_completions: how many (prompt, completion) rows to log per logging step, one row per student "
+                "sample; None logs every row of the last batch (TRL's name and default). Must be >= 1."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "`dpkd train` into an output_dir that holds a different run (another method, models, data or "
                 "settings than its `dpkd_settings.json` records): remove that run's checkpoints and train anew. "
@@ -241,6 +239,8 @@ class DistillationConfig(TrainingArguments):
         _check_range("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         _check_range("max_prompt_length", self.max_prompt_length, low=1)
         _check_range("chunked_loss_vocab_threshold", self.chunked_loss_vocab_threshold, low=1)
+        if self.num_completions_to_print is not None:
+            _check_range("num_completions_to_print", self.num_completions_to_print, low=1)
         for name, limits in TRAINING_RANGES.items():
             if getattr(self, name) is not None:
                 _check_range(name, getattr(self, name), **limits)

@@ -38,7 +38,13 @@ from dpkd.generation import (
     left_pad,
     score_sequences,
 )
-from dpkd.modeling import TokenizerMismatchError, check_tokenizers_match, load_tokenizer
+from dpkd.modeling import (
+    TokenizerMismatchError,
+    check_tokenizers_match,
+    hub_unreachable_reason,
+    is_hub_id,
+    load_tokenizer,
+)
 from dpkd.teacher_cache import model_fingerprint, write_atomically
 
 logger = logging.getLogger(__name__)
@@ -175,14 +181,47 @@ def check_data_sources(sources: Sequence[str]) -> list[str]:
     return sources
 
 
-def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
-    """A model directory that `from_pretrained` can load: it exists and holds config.json."""
+def check_model_dir(path: str | Path, argument: str = "--model") -> Path | str:
+    """A model directory that `from_pretrained` can load (it exists and holds config.json), or a Hugging Face
+    Hub id (`org/name`, no such local path), returned as the string for `from_pretrained` to fetch; whether
+    the hub has it is `check_hub_model`'s to say."""
+    if is_hub_id(path):
+        return str(path)
     path = Path(path)
     if not path.is_dir():
         raise EvaluationError(f"{argument}: model directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
         raise EvaluationError(f"{argument}: {str(path)!r} has no config.json; is it a saved model directory?")
     return path
+
+
+def check_hub_model(source: str, argument: str = "--model") -> None:
+    """Fetch (or find in the local cache) a hub id's config, the smallest file of the model: an id that cannot
+    be had fails here, by name, before the data or any weights are read."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise _hub_error(source, argument, error) from error
+
+
+def _hub_error(source: str, argument: str, error: OSError) -> EvaluationError:
+    detail = " ".join(str(error).split()) or type(error).__name__
+    return EvaluationError(f"{argument}: {source!r} is no local folder, and as a hub id it cannot be fetched: "
+                           f"{hub_unreachable_reason()} ({detail})")
+
+
+def default_out_dir(model: str | Path) -> Path:
+    """Where `dpkd eval` writes by default: `<model>/eval`, or `runs/eval/<org>__<name>` for a hub id."""
+    if is_hub_id(model):
+        return Path("runs", "eval", str(model).replace("/", "__"))
+    return Path(model) / "eval"
+
+
+def _source_label(source: str | Path) -> str:
+    """What the files record as a model: a folder's absolute path, or the hub id."""
+    return str(source) if isinstance(source, str) else str(source.resolve())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,10 +537,15 @@ def _check_sampling(sampling: SamplingConfig) -> None:
             raise EvaluationError(f"--top-p: expected a value in (0, 1], got {sampling.top_p}")
 
 
-def _load_model(path: Path, device: str, dtype: str):
+def _load_model(path: Path | str, device: str, dtype: str, argument: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=False)
+    except OSError as error:
+        if not isinstance(path, str):
+            raise
+        raise _hub_error(path, argument, error) from error
     return model.to(device).eval()
 
 
@@ -524,7 +568,8 @@ def evaluate_model(
 ) -> dict:
     """Generate on each evaluation set with each seed, score, and write `metrics.json`; returns its content.
 
-    `out_dir` defaults to `<model_dir>/eval`. Per set: per-seed exact match and ROUGE-L, their breakdown
+    `model_dir` and `teacher_dir` are folders or hub ids (`org/name`, fetched by `from_pretrained`).
+    `out_dir` defaults to `<model_dir>/eval` (`runs/eval/<org>__<name>` for a hub id). Per set: per-seed exact match and ROUGE-L, their breakdown
     by reference length, and mean/std over seeds. With `teacher_dir`: the teacher's outputs too (same
     seeds), the mean implicit reward β·log q/p of student and teacher outputs (summed over the sampled
     response tokens and per token), and the reverse KL KL(q||p) on the first response token.
@@ -549,7 +594,10 @@ def evaluate_model(
         raise EvaluationError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     sampling = sampling or SamplingConfig()
     _check_sampling(sampling)
-    out_dir = Path(out_dir) if out_dir is not None else model_dir / "eval"
+    for source, argument in ((model_dir, "--model"), (teacher_dir, "--teacher")):
+        if isinstance(source, str):
+            check_hub_model(source, argument)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_dir)
     # The tokenizer (cheap) before the data: chat prompts are rendered with its chat template.
     if teacher_dir is not None:
         tokenizer = check_shared_vocabulary(model_dir, teacher_dir)
@@ -562,8 +610,8 @@ def evaluate_model(
             raise EvaluationError(f"--data: evaluation set {name!r} has no examples")
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = _load_model(model_dir, device, dtype)
-    teacher = _load_model(teacher_dir, device, dtype) if teacher_dir is not None else None
+    model = _load_model(model_dir, device, dtype, "--model")
+    teacher = _load_model(teacher_dir, device, dtype, "--teacher") if teacher_dir is not None else None
 
     # The models are identified by a hash of their weights, so a moved run directory still resumes and a
     # model retrained in place does not.
@@ -572,7 +620,7 @@ def evaluate_model(
         fingerprints[teacher_dir] = model_fingerprint(teacher, sample_bytes_per_tensor=FINGERPRINT_SAMPLE_BYTES)
 
     def file_settings(path: Path, seed: int) -> dict:
-        return {"model": str(path.resolve()), "model_fingerprint": fingerprints[path], "seed": seed,
+        return {"model": _source_label(path), "model_fingerprint": fingerprints[path], "seed": seed,
                 "sampling": asdict(sampling), "batch_size": batch_size, "max_prompt_length": max_prompt_length,
                 "dtype": dtype, "device_type": torch.device(device).type,
                 **({"template": template} if template != "auto" else {})}
@@ -612,8 +660,8 @@ def evaluate_model(
                 model, teacher, prompt_ids, pad_token_id=pad, batch_size=batch_size)
 
     metrics = {
-        "model": str(model_dir.resolve()),
-        "teacher": str(teacher_dir.resolve()) if teacher_dir is not None else None,
+        "model": _source_label(model_dir),
+        "teacher": _source_label(teacher_dir) if teacher_dir is not None else None,
         "settings": {"data": sources, "seeds": seeds, "limit": limit, "sampling": asdict(sampling),
                      "batch_size": batch_size, "max_prompt_length": max_prompt_length, "beta": beta,
                      "template": template, "dtype": dtype, "device": device, "std": "population (ddof=0) over seeds",

@@ -7,6 +7,8 @@ Nothing here downloads: everything loads from local paths or is built from a con
 from __future__ import annotations
 
 import copy
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -95,6 +97,21 @@ def _resolve_name(path: str | Path) -> str | Path:
     return pretrained.resolve(path)
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether `source` reads as a Hugging Face Hub repository id, `org/name`, and not as a local path: no
+    leading `.` or `/`, one slash, and no such file or folder here. `from_pretrained` fetches it."""
+    text = str(source)
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith(".")
+            and not Path(text).exists())
+
+
+def hub_unreachable_reason() -> str:
+    """Why a hub id could not be fetched, as far as dpkd can tell: offline mode, or a failed download."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "the Hugging Face Hub is offline (HF_HUB_OFFLINE is set) and it is not in the local cache"
+    return "the Hugging Face Hub is unreachable or has no such repository, and it is not in the local cache"
+
+
 def _check_local_source(path: str | Path, gguf_file: str | None) -> None:
     """Fail early and by name on a local path that does not exist (a hub id, `org/name`, is passed through)."""
     path = Path(path)
@@ -162,6 +179,8 @@ def _from_files(load: Callable[[], object], what: str, path: str | Path, gguf_fi
         detail = " ".join(str(err).split()) or type(err).__name__
         damaged = gguf_file is not None or isinstance(err, SafetensorError | RuntimeError | UnpicklingError)
         hint = " (is a file truncated or corrupt? copy or download the model again)" if damaged else ""
+        if gguf_file is None and isinstance(err, OSError) and is_hub_id(path):
+            hint = f" ({path!s} is a hub id: {hub_unreachable_reason()})"
         raise ModelFileError(f"{source}: cannot load the {what}: {detail}{hint}") from err
 
 

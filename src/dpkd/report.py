@@ -220,14 +220,18 @@ def plot_training_curves(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, labels: dict | None = None) -> Path:
     """Write `report.md`, `rougeL.png` and (when runs logged training) `training_curves.png`; return report.md.
 
-    Every run directory is read and checked before anything is written.
+    Every run directory is read and checked before anything is written. `labels`: run directory → the
+    label to show instead of its method's title.
     """
     if not run_dirs:
         raise ReportError("report: no run directory given")
-    runs = _order_runs([load_run(d) for d in run_dirs])
+    loaded = [load_run(d) for d in run_dirs]
+    for run in loaded:
+        run.label = {Path(k): label for k, label in (labels or {}).items()}.get(run.path, run.label)
+    runs = _order_runs(loaded)
     sets = _set_names(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -62,6 +63,8 @@ from dpkd.modeling import (
     run_in_wrapper,
 )
 from dpkd.teacher_cache import TeacherOutputCache, model_fingerprint, teacher_outputs, write_atomically
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
@@ -190,6 +193,8 @@ class DistillationTrainer(Trainer):
         self._nonfinite_skipped: int | None = None
         self._steps_kept_since_log = 0
         self._staging_dir: str | None = None
+        # log_completions: this micro-batch's samples, {"student" | "teacher": (prompts, prompt_mask, ids, mask)}.
+        self._last_samples: dict[str, tuple[torch.Tensor, ...]] = {}
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -220,6 +225,7 @@ class DistillationTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         started = time.perf_counter()
         self._generation_seconds = 0.0
+        self._last_samples = {}  # a step that samples nothing leaves nothing to log
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_loss = self._step_loss + loss
         elapsed = time.perf_counter() - started
@@ -389,6 +395,7 @@ class DistillationTrainer(Trainer):
                                        eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                                        synced_gpus=self._synced_gpus(), max_positions=teacher_positions)
         self._generation_seconds += time.perf_counter() - started
+        self._keep_samples("student", prompts, prompt_mask, ids, mask)
         return ids, mask
 
     def teacher_samples(self, prompts, prompt_mask):
@@ -410,6 +417,7 @@ class DistillationTrainer(Trainer):
             )
         self.teacher_generations += int(n_generated)
         self._generation_seconds += time.perf_counter() - started
+        self._keep_samples("teacher", prompts, prompt_mask, ids, mask)
         target = prompts.device
         return ids.to(target), mask.to(target), logps.to(target)
 
@@ -475,6 +483,53 @@ class DistillationTrainer(Trainer):
         logs.update(averaged)
         super().log(logs, start_time)
         self._metrics[mode].clear()
+        if mode == "train" and self._last_samples:
+            self._log_completions()
+
+    def _keep_samples(self, kind: str, prompts, prompt_mask, ids, mask) -> None:
+        """log_completions: remember what this training micro-batch sampled, to decode at the next log."""
+        if self.args.log_completions and self.model.training:
+            self._last_samples[kind] = tuple(t.detach() for t in (prompts, prompt_mask, ids, mask))
+
+    def _log_completions(self) -> None:
+        """The last batch's samples as rows (prompt, student completion, teacher completion), one per student
+        sample (the teacher's y_t repeated for each of its prompt's k samples): a line of completions.jsonl,
+        a wandb table, INFO lines. Only what the step sampled is decoded; nothing is generated."""
+        samples, self._last_samples = self._last_samples, {}
+        if not self.is_world_process_zero():
+            return
+        decode = self.processing_class.decode
+
+        def texts(ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+            return [decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask)]
+
+        rows_from = samples.get("student", samples.get("teacher"))
+        prompts = texts(rows_from[0], rows_from[1])
+        student = texts(*samples["student"][2:]) if "student" in samples else None
+        teacher = None
+        if "teacher" in samples:
+            teacher = texts(*samples["teacher"][2:])
+            k = len(prompts) // max(len(teacher), 1)  # dpkd: k student samples per prompt
+            teacher = [text for text in teacher for _ in range(k)]
+        n = self.args.num_completions_to_print or len(prompts)
+        step = self.state.global_step
+        record = {"step": step, "prompts": prompts[:n],
+                  "student_completions": student[:n] if student is not None else None,
+                  "teacher_completions": teacher[:n] if teacher is not None else None}
+        path = Path(self.args.output_dir) / "completions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        rows = [[step, prompt, student[i] if student else None, teacher[i] if teacher else None]
+                for i, prompt in enumerate(record["prompts"])]
+        for row in rows:
+            logger.info("step %d completion | prompt: %r | student: %r | teacher: %r", *row)
+        if "wandb" in (self.args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                columns = ["step", "prompt", "student_completion", "teacher_completion"]
+                wandb.log({"completions": wandb.Table(columns=columns, data=rows)})
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Refuse to write a model with a non-finite weight, then save as the Trainer does."""

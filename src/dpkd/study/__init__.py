@@ -1,4 +1,5 @@
-"""`dpkd demo`: a complete distillation study on generated tasks, small enough for a laptop CPU.
+"""`dpkd study RECIPE` (and `dpkd demo`, the same on the bundled recipe): a complete distillation study on
+generated tasks, small enough for a laptop CPU.
 
 Stages, each written under `--out` and marked done by a small file in `<out>/stages/` once its outputs
 are complete (so Ctrl-C leaves a run that the next invocation resumes, redoing only the stage it cut):
@@ -7,23 +8,37 @@ are complete (so Ctrl-C leaves a run that the next invocation resumes, redoing o
     tokenizer/                       byte-level BPE trained on the train split
     teacher/                         a Llama-style model trained from scratch with method `sft`
     student_init/                    the student's random initialisation, shared by every method
-    runs/<method>/                   DistillationTrainer, the same step budget for every method
+    warm_start/                      with `init: sft`: the student trained with `sft` from student_init
+    runs/<method>[_s<seed>]/         DistillationTrainer, the same step budget for every method, from
+                                     student_init (`init: scratch`) or warm_start (`init: sft`); one run
+                                     per training seed with `training_seeds`
     <run>/eval/metrics.json          dpkd.evaluation.evaluate_model on the test split, several seeds
-    report/report.md, *.png          dpkd.report.write_report
+    report/report.md, *.png          dpkd.report.write_report; report/summary.md: the results table
+                                     and the paired table (each method − sft, per training seed)
 
 The modules: `recipe` (the YAML recipe, checked before any work), `stages` (the table of stages: what
 each needs, what its key hashes, what runs it), `build` (what the stages make), `workers` (the worker
 processes and the teacher's data-parallel ranks), `progress` (the parent's board) and `runner`
-(`run_stages`, `run_demo`). Importing any of them loads neither torch nor transformers.
+(`run_stages`, `run_study`, `run_demo`). Importing any of them loads neither torch nor transformers.
 """
 
-from dpkd.study.recipe import METHODS, PROFILES, DemoError, DemoRecipe, load_demo_recipe, training_configs
-from dpkd.study.runner import run_demo, run_stages
+from dpkd.study.build import paired_differences
+from dpkd.study.recipe import (
+    METHODS,
+    PROFILES,
+    DemoError,
+    DemoRecipe,
+    load_demo_recipe,
+    parse_training_seeds,
+    study_runs,
+    training_configs,
+)
+from dpkd.study.runner import run_demo, run_stages, run_study
 from dpkd.study.stages import STAGES, Stage, StageMarkers, stage_keys, study_stages
 from dpkd.study.workers import resolve_parallelism, train_data_parallel
 
 __all__ = [
     "METHODS", "PROFILES", "STAGES", "DemoError", "DemoRecipe", "Stage", "StageMarkers", "load_demo_recipe",
-    "resolve_parallelism", "run_demo", "run_stages", "stage_keys", "study_stages", "train_data_parallel",
-    "training_configs",
+    "paired_differences", "parse_training_seeds", "resolve_parallelism", "run_demo", "run_stages", "run_study",
+    "stage_keys", "study_runs", "study_stages", "train_data_parallel", "training_configs",
 ]

@@ -19,10 +19,13 @@ class Layout:
         self.tokenizer = out / "tokenizer"
         self.teacher = out / "teacher"
         self.student_init = out / "student_init"
+        self.warm_start = out / "warm_start"
 
     def model(self, name: str) -> Path:
-        """The folder of `teacher` or of a method's run."""
-        return self.teacher if name == "teacher" else self.out / "runs" / name
+        """The folder of `teacher`, of `warm_start`, or of a run (a method, or `<method>_s<seed>`)."""
+        if name in ("teacher", "warm_start"):
+            return self.out / name
+        return self.out / "runs" / name
 
 
 def fresh(path: Path) -> Path:
@@ -144,4 +147,50 @@ def results_table(rows: list[tuple[str, dict]]) -> str:
     for label, values in rows:
         em, rl = values["exact_match"], values["rougeL"]
         lines.append(f"| {label} | {em['mean']:.1f} ± {em['std']:.1f} | {rl['mean']:.1f} ± {rl['std']:.1f} |")
+    return "\n".join(lines)
+
+
+def seed_means(metrics: dict) -> dict[str, float]:
+    """Exact match and ROUGE-L of one evaluated run, averaged over its sampling seeds."""
+    result = summary(metrics)
+    return {metric: result[metric]["mean"] for metric in ("exact_match", "rougeL")}
+
+
+def over_training_seeds(per_seed: dict[int, dict[str, float]]) -> dict:
+    """Mean and population std (as over sampling seeds) over training seeds of `{seed: {metric: value}}`,
+    in the shape of `summary` (so `results_table` prints it)."""
+    from dpkd.evaluation import summarize_seeds
+
+    return summarize_seeds([per_seed[seed] for seed in sorted(per_seed)])
+
+
+def paired_differences(method: dict[int, float], control: dict[int, float]) -> dict:
+    """The paired difference of a method to its control over training seeds.
+
+    d_s = method[s] − control[s] for each training seed s (both trained with seed s); returns
+    `{"per_seed": {s: d_s}, "mean": mean of d_s, "std": population std of d_s, "n": number of seeds}`.
+    """
+    if set(method) != set(control) or not method:
+        raise ValueError(f"paired differences need the same training seeds on both sides, got "
+                         f"{sorted(method)} and {sorted(control)}")
+    from dpkd.evaluation import summarize_seeds
+
+    diffs = {seed: method[seed] - control[seed] for seed in sorted(method)}
+    return {"per_seed": diffs, **summarize_seeds(list(diffs.values())), "n": len(diffs)}
+
+
+def paired_table(per_method: dict[str, dict[int, dict[str, float]]], control: str = "sft") -> str:
+    """Markdown: for each method but `control`, (method − control) per training seed on exact match and
+    ROUGE-L, as mean ± std over training seeds (the difference alone for one seed). `per_method`: method →
+    training seed → metric → value."""
+    lines = [f"| method − {control} | exact match | ROUGE-L | training seeds |", "|---|---|---|---|"]
+    for method, per_seed in per_method.items():
+        if method == control:
+            continue
+        cells = []
+        for metric in ("exact_match", "rougeL"):
+            d = paired_differences({s: v[metric] for s, v in per_seed.items()},
+                                   {s: v[metric] for s, v in per_method[control].items()})
+            cells.append(f"{d['mean']:+.1f}" + (f" ± {d['std']:.1f}" if d["n"] > 1 else ""))  # one seed: no spread
+        lines.append(f"| {method} | {' | '.join(cells)} | {len(per_seed)} |")
     return "\n".join(lines)

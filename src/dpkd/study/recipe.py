@@ -22,18 +22,22 @@ PROFILES = ("quick", "big")
 # fields, checked by constructing the config.
 _SCHEMA: dict[str, Any] = {
     "seed": int,
+    "init": str,
+    "training_seeds": list,
     "workers": (int, str),
     "threads": (int, str),
     "data": {"train": int, "dev": int, "test": int, "template": str, "tasks": list},
     "tokenizer": {"vocab_size": int},
     "teacher": {"d_model": int, "n_layer": int, "n_head": int, "processes": int, "training": dict},
     "student": {"d_model": int, "n_layer": int, "n_head": int},
+    "warm_start": dict,
     "distill": {"common": dict, "methods": dict},
     "eval": {"seeds": list, "max_new_tokens": int, "batch_size": int},
     "quick": dict,
     "big": dict,
 }
-_OPTIONAL = ("workers", "threads")  # default `auto`
+_OPTIONAL = ("workers", "threads", "init", "training_seeds", "warm_start")  # defaults: `auto`, scratch, none
+INITS = ("scratch", "sft")
 # Settings of every training run that the demo owns; a recipe cannot override them.
 _FIXED_TRAINING = {"output_dir", "method", "seed", "teacher_cache_dir", "save_strategy", "report_to"}
 
@@ -51,6 +55,27 @@ class DemoRecipe:
 
     def section(self, name: str) -> dict:
         return self.values[name]
+
+
+def study_runs(values: dict) -> list[tuple[str, str, int | None]]:
+    """`(run, method, training seed)` for every training run of the study, by method then seed. Without
+    `training_seeds` one run per method, named after it, with the recipe's seed (seed None)."""
+    seeds = values.get("training_seeds")
+    methods = values["distill"]["methods"]
+    if seeds is None:
+        return [(m, m, None) for m in methods]
+    return [(f"{m}_s{seed}", m, seed) for m in methods for seed in seeds]
+
+
+def parse_training_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` as a list of distinct integers."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise DemoError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise DemoError(f"--seeds: expected distinct integers, got {text!r}")
+    return seeds
 
 
 def _merge(base: dict, overlay: dict) -> dict:
@@ -79,17 +104,19 @@ def _check_shape(values: dict, schema: dict, where: str, path: str = "") -> None
             raise DemoError(f"{where}: {name!r} must be {kinds}, got {value!r}")
 
 
-def load_demo_recipe(path: str | Path | None = None, profile: str | None = None) -> DemoRecipe:
+def load_demo_recipe(path: str | Path | None = None, profile: str | None = None,
+                     seeds: list[int] | None = None) -> DemoRecipe:
     """Read the YAML recipe (default: the bundled one), apply the `quick`/`big` overlay, check everything.
 
-    Errors name the file and the key; the training settings are checked by building every
-    `DistillationConfig` the run will use, before any data or model is made.
+    `seeds` (from `--seeds`) replaces the recipe's `training_seeds`. Errors name the file and the key; the
+    training settings are checked by building every `DistillationConfig` the run will use, before any data
+    or model is made.
     """
     import yaml
 
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise DemoError(f"--config: no such recipe file {str(path)!r}")
+        raise DemoError(f"no such recipe file {str(path)!r}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -109,7 +136,10 @@ def load_demo_recipe(path: str | Path | None = None, profile: str | None = None)
     missing = [k for k in _SCHEMA if k not in (*PROFILES, *_OPTIONAL) and k not in values]
     if missing:
         raise DemoError(f"{path}: missing section(s) {', '.join(missing)} (see the bundled {DEFAULT_CONFIG.name})")
-    recipe = DemoRecipe(source=f"{path}" + (f" --{profile}" if profile else ""), values=values)
+    if seeds is not None:
+        values["training_seeds"] = list(seeds)
+    recipe = DemoRecipe(source=f"{path}" + (f" --{profile}" if profile else "")
+                        + (f" --seeds {','.join(map(str, seeds))}" if seeds is not None else ""), values=values)
     _check_values(recipe, str(path))
     return recipe
 
@@ -147,6 +177,19 @@ def _check_values(recipe: DemoRecipe, where: str) -> None:
     if unknown or not methods:
         raise DemoError(f"{where}: distill.methods: expected a mapping with keys among {', '.join(METHODS)}, "
                         f"got {list(methods)}")
+    init = v.get("init", "scratch")
+    if init not in INITS:
+        raise DemoError(f"{where}: init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "sft" and not (v.get("warm_start") or {}).get("max_steps", 0) > 0:
+        raise DemoError(f"{where}: init: sft needs warm_start.max_steps, the warm start's budget in steps")
+    if init == "scratch" and "warm_start" in v:
+        raise DemoError(f"{where}: warm_start is read only with init: sft")
+    training_seeds = v.get("training_seeds")
+    if training_seeds is not None and (not training_seeds or len(set(training_seeds)) != len(training_seeds)
+                                       or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                  for s in training_seeds)):
+        raise DemoError(f"{where}: training_seeds must be a non-empty list of distinct integers, "
+                        f"got {training_seeds!r}")
     seeds = v["eval"].get("seeds") or []
     if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise DemoError(f"{where}: eval.seeds must be a list of distinct integers, got {seeds!r}")
@@ -171,7 +214,9 @@ def _training_fields(fields: dict, where: str, key: str) -> dict:
 
 
 def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None) -> dict:
-    """`{"teacher": DistillationConfig, method: DistillationConfig, ...}` for this recipe and output folder."""
+    """`{"teacher": DistillationConfig, run: DistillationConfig, ...}` for this recipe and output folder, one
+    per run of `study_runs` (with its training seed, if any), and `"warm_start"` with `init: sft`: method
+    `sft` on `distill.common` and the `warm_start` fields."""
     from dpkd.config import DistillationConfig
 
     where = where or recipe.source
@@ -182,11 +227,16 @@ def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None)
                                                **_training_fields(v["teacher"].get("training") or {}, where,
                                                                   "teacher.training")})}
     common = _training_fields(v["distill"].get("common") or {}, where, "distill.common")
-    for method, own in (v["distill"].get("methods") or {}).items():
-        fields[method] = (f"distill.methods.{method}", {
-            **base, **common, **_training_fields(own or {}, where, f"distill.methods.{method}"),
-            "method": method, "output_dir": str(out / "runs" / method),
-            "teacher_cache_dir": str(out / "teacher_cache")})
+    if v.get("init", "scratch") == "sft":
+        fields["warm_start"] = ("warm_start", {
+            **base, **common, **_training_fields(v.get("warm_start") or {}, where, "warm_start"),
+            "method": "sft", "output_dir": str(out / "warm_start")})
+    methods = v["distill"].get("methods") or {}
+    for run, method, seed in study_runs(v) if methods else []:
+        fields[run] = (f"distill.methods.{method}", {
+            **base, **common, **_training_fields(methods[method] or {}, where, f"distill.methods.{method}"),
+            "method": method, "output_dir": str(out / "runs" / run),
+            "teacher_cache_dir": str(out / "teacher_cache"), **({"seed": seed} if seed is not None else {})})
     configs = {}
     for name, (key, kwargs) in fields.items():
         steps = kwargs.get("max_steps", -1)

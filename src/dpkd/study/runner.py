@@ -89,39 +89,74 @@ def run_stages(stages: list[Stage], markers: StageMarkers, *, source: str, value
                 pool.close()
 
 
-def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, profile: str | None = None,
-             log: TextIO | None = None, bars: TextIO | None = None) -> Path:
-    """Run (or resume) the whole study under `out`; return the path of the report.
+def run_study(recipe: str | Path | None = None, out: str | Path | None = None, profile: str | None = None,
+              seeds: list[int] | None = None, log: TextIO | None = None, bars: TextIO | None = None,
+              command: str = "study") -> Path:
+    """Run (or resume) the study that the recipe at `recipe` (default: the bundled demo recipe) describes
+    under `out` (default: `runs/<recipe's name>`); return the path of the report.
 
-    The study's log lines go to `log`, the running stages' progress bars to `bars` (None: not written).
+    `seeds` replaces the recipe's `training_seeds`. The study's log lines go to `log`, the running stages'
+    progress bars to `bars` (None: not written); `command` names the command in the log.
     """
     from dpkd.report import write_report
-    from dpkd.study.build import Layout, results_table, summary
-    from dpkd.study.recipe import load_demo_recipe, training_configs
+    from dpkd.study.build import Layout, over_training_seeds, paired_table, results_table, seed_means, summary
+    from dpkd.study.recipe import load_demo_recipe, study_runs, training_configs
     from dpkd.study.stages import study_stages
     from dpkd.study.workers import resolve_parallelism
 
     log = log if log is not None else io.StringIO()
     started = time.perf_counter()
-    recipe = load_demo_recipe(config, profile)  # every setting is checked before any work starts
-    out = Path(out).resolve()
-    v = recipe.values
+    recipe_obj = load_demo_recipe(recipe, profile, seeds)  # every setting is checked before any work starts
+    out = Path(out if out is not None else Path("runs") / (Path(recipe).stem if recipe else "demo")).resolve()
+    v = recipe_obj.values
     workers, threads = resolve_parallelism(v.get("workers", "auto"), v.get("threads", "auto"))
-    configs = training_configs(recipe, out)
+    configs = training_configs(recipe_obj, out)
     stages = study_stages(v, configs)
-    log.write(f"dpkd demo: recipe {recipe.source}; output {out}; {workers} worker process(es) × {threads} "
-              f"CPU thread(s)\n")
-    run_stages(stages, StageMarkers(out), source=recipe.source, values=v, out=out, workers=workers,
+    log.write(f"dpkd {command}: recipe {recipe_obj.source}; output {out}; {workers} worker process(es) × "
+              f"{threads} CPU thread(s)\n")
+    run_stages(stages, StageMarkers(out), source=recipe_obj.source, values=v, out=out, workers=workers,
                threads=threads, log=log, bars=bars)
 
     log.write(f"[{len(stages) + 1}/{len(stages) + 1}] writing the report ...\n")
     at = Layout(out)
-    names = ["teacher", *v["distill"]["methods"]]
-    report = write_report([at.model(name) for name in names], out / "report")
-    rows = [(name, summary(json.loads((at.model(name) / "eval" / "metrics.json").read_text()))) for name in names]
+    warm_started = v.get("init", "scratch") == "sft"
+    runs = study_runs(v)
+    names = ["teacher", *(["warm_start"] if warm_started else []), *(run for run, _, _ in runs)]
+    # From a warm start, `sft` is the compute-matched control: the warm start trained for as many steps more.
+    labels = {at.warm_start: "SFT warm start"} if warm_started else {}
+    labels.update({at.model(run): "SFT continued" for run, method, _ in runs if warm_started and method == "sft"})
+    report = write_report([at.model(name) for name in names], out / "report", labels=labels)
+    metrics = {name: json.loads((at.model(name) / "eval" / "metrics.json").read_text()) for name in names}
+
+    def label(method: str) -> str:
+        return f"{method} continued" if warm_started and method == "sft" else method
+
+    eval_seeds = f"sampling seeds {v['eval']['seeds']}"
+    if "training_seeds" in v:
+        per_method: dict[str, dict[int, dict]] = {}
+        for run, method, seed in runs:
+            per_method.setdefault(method, {})[seed] = seed_means(metrics[run])
+        rows = [(name.replace("_", " "), summary(metrics[name])) for name in names[:1 + warm_started]]
+        rows += [(label(m), over_training_seeds(per_seed)) for m, per_seed in per_method.items()]
+        spread = (f"mean ± std over {eval_seeds} for {', '.join(names[:1 + warm_started])}; for each method, "
+                  f"over training seeds {v['training_seeds']} of its mean over the {eval_seeds}")
+    else:
+        per_method = {method: {v["seed"]: seed_means(metrics[run])} for run, method, _ in runs}
+        rows = [(label(name) if name in v["distill"]["methods"] else name, summary(metrics[name])) for name in names]
+        spread = f"mean ± std over {eval_seeds}"
     table = results_table(rows)
-    (out / "report" / "summary.md").write_text(
-        f"Test split ({v['data']['test']} examples), mean ± std over seeds {v['eval']['seeds']}:\n\n{table}\n")
-    log.write(f"\n{table}\n\n")
-    log.write(f"dpkd demo: finished in {time.perf_counter() - started:.0f}s; report {report}\n")
+    text = f"Test split ({v['data']['test']} examples), {spread}:\n\n{table}\n"
+    if len(per_method) >= 2 and "sft" in per_method:
+        paired = paired_table(per_method, control="sft")
+        text += (f"\nPaired with the {label('sft')} control trained with the same training seed: (method − "
+                 f"{label('sft')}) per training seed, mean ± std over training seeds:\n\n{paired}\n")
+    (out / "report" / "summary.md").write_text(text)
+    log.write(f"\n{text}\n")
+    log.write(f"dpkd {command}: finished in {time.perf_counter() - started:.0f}s; report {report}\n")
     return report
+
+
+def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, profile: str | None = None,
+             log: TextIO | None = None, bars: TextIO | None = None, seeds: list[int] | None = None) -> Path:
+    """`dpkd demo`: `run_study` on `config` (default: the bundled recipe) under `out` (default: runs/demo)."""
+    return run_study(config, out, profile, seeds, log=log, bars=bars, command="demo")

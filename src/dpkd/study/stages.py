@@ -75,6 +75,18 @@ class Plan:
         return list(self.values["distill"]["methods"])
 
     @property
+    def runs(self) -> dict[str, tuple[str, int | None]]:
+        """Each training run's `(method, training seed)`, by run name (see `study_runs`)."""
+        from dpkd.study.recipe import study_runs
+
+        return {run: (method, seed) for run, method, seed in study_runs(self.values)}
+
+    @property
+    def warm_started(self) -> bool:
+        """Whether every run starts from the SFT warm start (`init: sft`) rather than from `student_init`."""
+        return self.values.get("init", "scratch") == "sft"
+
+    @property
     def cache_readers(self) -> list[str]:
         """The methods that read the teacher's sampled responses from the shared cache (and may add to it)."""
         return [m for m in self.methods if self.specs[m].family.reads_teacher_cache]
@@ -147,14 +159,23 @@ def _teacher_samples(job: Job) -> None:
 
     v = job.values
     torch.manual_seed(v["seed"])
-    first = next(m for m in v["distill"]["methods"] if job.configs[m].spec.family.reads_teacher_cache)
+    from dpkd.study.recipe import study_runs
+
+    first = next(run for run, _, _ in study_runs(v) if job.configs[run].spec.family.reads_teacher_cache)
     n = fill_teacher_samples(job.configs[first], job.at.teacher, job.at.split["train"], v["eval"]["batch_size"])
     job.context.note(f"    {n} teacher responses sampled")
 
 
+def _warm_start(job: Job) -> None:
+    at = job.at
+    train(job.configs["warm_start"], at.student_init, at.split["train"], fresh(at.warm_start),
+          progress=job.context.progress_callback())
+
+
 def _train(job: Job) -> None:
     at = job.at
-    train(job.configs[job.item], at.student_init, at.split["train"], fresh(at.model(job.item)),
+    start = at.warm_start if job.values.get("init", "scratch") == "sft" else at.student_init
+    train(job.configs[job.item], start, at.split["train"], fresh(at.model(job.item)),
           teacher_dir=at.teacher, progress=job.context.progress_callback())
 
 
@@ -191,15 +212,38 @@ class StageKind:
         return Stage(name, plan.keys[name], value(self.title), value(self.needs), value(self.uses), value(self.order))
 
 
-def _train_needs(plan: Plan, method: str) -> tuple[str, ...]:
-    spec = plan.specs[method]
-    return (("student_init",) + (("teacher",) if spec.needs_teacher else ())
+def _train_needs(plan: Plan, run: str) -> tuple[str, ...]:
+    spec = plan.specs[plan.runs[run][0]]
+    return ((("warm_start",) if plan.warm_started else ("student_init",)) + (("teacher",) if spec.needs_teacher else ())
             + (("teacher_samples",) if spec.family.reads_teacher_cache else ()))
 
 
+def _train_inputs(plan: Plan, run: str) -> list:
+    """What a run's key hashes. The warm start and the training seed enter only when the recipe sets them,
+    so the keys of a recipe without them are those that earlier versions wrote."""
+    method, seed = plan.runs[run]
+    inputs = [plan.keys["student_init"], plan.keys["teacher"] if plan.specs[method].needs_teacher else None,
+              plan.values["distill"]["common"], plan.values["distill"]["methods"][method]]
+    if plan.warm_started:
+        inputs.append({"warm_start": plan.keys["warm_start"]})
+    if seed is not None:
+        inputs.append({"training_seed": seed})
+    return inputs
+
+
+def _train_title(plan: Plan, run: str) -> str:
+    method, seed = plan.runs[run]
+    if plan.warm_started:
+        what = "continuing sft" if method == "sft" else f"distilling with {method}"
+        what += " from the warm start"
+    else:
+        what = f"distilling with {method}"
+    return f"{what} ({plan.steps(run)} steps{'' if seed is None else f', training seed {seed}'})"
+
+
 def _trained(model: str) -> str:
-    """The stage that makes `model` (the teacher, or a method's student)."""
-    return "teacher" if model == "teacher" else f"train_{model}"
+    """The stage that makes `model` (the teacher, the warm start, or a run's student)."""
+    return model if model in ("teacher", "warm_start") else f"train_{model}"
 
 
 def _sizes(v: dict) -> str:
@@ -216,6 +260,10 @@ STAGES: tuple[StageKind, ...] = (
               inputs=lambda p, _: [p.keys["tokenizer"], p.values["teacher"], p.max_positions]),
     StageKind("student_init", needs=("tokenizer",), run=_student_init, title="initialising the student", order=1,
               inputs=lambda p, _: [p.keys["tokenizer"], p.values["student"], p.values["seed"], p.max_positions]),
+    StageKind("warm_start", needs=("student_init",), run=_warm_start, order=1,
+              each=lambda p: [None] if p.warm_started else [],
+              title=lambda p, _: f"warm-starting the student with sft ({p.steps('warm_start')} steps)",
+              inputs=lambda p, _: [p.keys["student_init"], p.values["distill"]["common"], p.values["warm_start"]]),
     # One sampling pass in large batches fills the cache for every method that reads it.
     StageKind("teacher_samples", needs=("teacher",), run=_teacher_samples, order=1,
               each=lambda p: [None] if p.cache_readers else [],
@@ -224,14 +272,12 @@ STAGES: tuple[StageKind, ...] = (
     # The methods that read the shared cache take turns (`uses`), so two processes never write or compact
     # it at once; those that sample the student at every step run longest, so they start first. SFT never
     # sees the teacher: its key leaves the teacher out, so a new teacher keeps the SFT student.
-    StageKind("train_{}", needs=_train_needs, run=_train, each=lambda p: p.methods,
-              title=lambda p, m: f"distilling with {m} ({p.steps(m)} steps)",
-              order=lambda p, m: 2 if p.specs[m].family.samples_student else 3,
-              uses=lambda p, m: "teacher_cache" if p.specs[m].family.reads_teacher_cache else None,
-              inputs=lambda p, m: [p.keys["student_init"], p.keys["teacher"] if p.specs[m].needs_teacher else None,
-                                   p.values["distill"]["common"], p.values["distill"]["methods"][m]]),
+    StageKind("train_{}", needs=_train_needs, run=_train, each=lambda p: list(p.runs), title=_train_title,
+              order=lambda p, r: 2 if p.specs[p.runs[r][0]].family.samples_student else 3,
+              uses=lambda p, r: "teacher_cache" if p.specs[p.runs[r][0]].family.reads_teacher_cache else None,
+              inputs=_train_inputs),
     StageKind("eval_{}", needs=lambda p, name: (_trained(name),), run=_eval, order=4,
-              each=lambda p: ["teacher", *p.methods],
+              each=lambda p: ["teacher", *(["warm_start"] if p.warm_started else []), *p.runs],
               title=lambda p, name: f"evaluating {name} on test ({len(p.values['eval']['seeds'])} seeds)",
               inputs=lambda p, name: [p.keys[_trained(name)], p.values["eval"]]),
 )
@@ -257,9 +303,16 @@ def _max_positions(configs: dict) -> int:
     return max(c.max_length for c in configs.values())
 
 
+def _specs(values: dict, configs: dict) -> dict:
+    """Each method's `MethodSpec`, from the config of one of its runs."""
+    from dpkd.study.recipe import study_runs
+
+    return {method: configs[run].spec for run, method, _ in study_runs(values)}
+
+
 def study_stages(values: dict, configs: dict) -> list[Stage]:
     """Every stage of the study, in the order they are numbered, with what each needs first."""
-    specs = {m: configs[m].spec for m in values["distill"]["methods"]}
+    specs = _specs(values, configs)
     plan = _plan(values, specs, _max_positions(configs), configs)
     return [kind.stage(plan, name, item) for kind in STAGES for name, item in kind.instances(plan)]
 
@@ -271,7 +324,7 @@ def run_stage(name: str, source: str, values: dict, out: str | Path, context) ->
 
     out = Path(out)
     configs = training_configs(DemoRecipe(source=source, values=values), out)
-    specs = {m: configs[m].spec for m in values["distill"]["methods"]}
+    specs = _specs(values, configs)
     plan = Plan(values, specs, _max_positions(configs), configs)
     rows = {instance: (kind, item) for kind in STAGES for instance, item in kind.instances(plan)}
     if name not in rows:

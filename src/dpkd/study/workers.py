@@ -274,6 +274,8 @@ def _teacher_rank(rank: int, processes: int, port: int, source: str, values: dic
     # Only the teacher's config: the first config built fixes accelerate's process state for good, and it
     # must be one with use_cpu set, or a CPU run does not count as distributed.
     values["distill"]["methods"] = {}
+    values["init"] = "scratch"
+    values.pop("warm_start", None)
     training = values["teacher"]["training"]
     training["per_device_train_batch_size"] //= processes  # the recipe gives the batch of all ranks together
     training["use_cpu"] = True
