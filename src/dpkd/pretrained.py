@@ -119,11 +119,17 @@ def load_gguf(name: str, *, install: bool = True):
 
 def fetch(name: str, *, install: bool = True) -> Path:
     """The folder of the converted model `name` (safetensors, float32, with its tokenizer), made once."""
-    source = _source(name)
     target = models_dir() / name
     if (target / _COMPLETE).is_file():
         return target
-    model, tokenizer = load_gguf(name, install=install)
+    return save_converted(name, *load_gguf(name, install=install))
+
+
+def save_converted(name: str, model, tokenizer) -> Path:
+    """Copy a GGUF-loaded `model` into a fresh model of its config and save it, with `tokenizer`, as the
+    converted folder of `name` (staged, then renamed). The GGUF-loaded model itself is left as it was."""
+    source = _source(name)
+    target = models_dir() / name
     fresh = type(model)(model.config)
     fresh.load_state_dict(model.state_dict(), strict=True)
     fresh.generation_config = model.generation_config
