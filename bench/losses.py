@@ -31,6 +31,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from measure import cpu_seconds, max_rss_bytes  # bench/ is the script's folder, so first on sys.path
 
 from dpkd.losses import TOKEN_LOSSES, chunked_sequence_logps, chunked_token_loss, sequence_logps
 
@@ -83,15 +84,6 @@ def _step(loss_name: str, form: str, inputs, chunk_size: int) -> None:
     student_hidden.grad = student_weight.grad = None
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_case(args: argparse.Namespace) -> dict:
     """One (vocabulary, loss, form) case; runs inside the child process."""
     if args.device == "cpu" and args.memory_cap_gib:
@@ -109,16 +101,16 @@ def run_case(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = _max_rss_bytes()
+        baseline = max_rss_bytes()
     wall, cpu = [], []
     for _ in range(args.repeats):
-        wall_start, cpu_start = time.perf_counter(), _cpu_seconds()
+        wall_start, cpu_start = time.perf_counter(), cpu_seconds()
         _step(args.loss, args.form, inputs, args.chunk_size)
         if args.device == "cuda":
             torch.cuda.synchronize()
         wall.append(time.perf_counter() - wall_start)
-        cpu.append(_cpu_seconds() - cpu_start)
-    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _max_rss_bytes()
+        cpu.append(cpu_seconds() - cpu_start)
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else max_rss_bytes()
     return {"seconds": min(wall), "cpu_seconds": min(cpu), "peak_bytes": peak - baseline}
 
 

@@ -45,7 +45,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -56,6 +55,8 @@ import traceback
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+from measure import cpu_seconds, max_rss_bytes  # bench/ is the script's folder, so first on sys.path
 
 GIB = 1024**3
 RESULT_PREFIX = "THROUGHPUT_RESULT "
@@ -281,15 +282,6 @@ def _build_trainer(config: Config, args, size: Size, tokenizer, student, teacher
                                train_dataset=Dataset.from_dict({"prompt": text}), processing_class=tokenizer)
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_config(args: argparse.Namespace) -> dict:
     """One configuration, inside the child process: build, train `warmup + steps` steps, measure."""
     import torch
@@ -316,7 +308,7 @@ def run_config(args: argparse.Namespace) -> dict:
         def on_step_begin(self, training_args, state, control, **kwargs):
             regions.sync()
             regions.seconds.clear()
-            self.cpu, self.start = _cpu_seconds(), time.perf_counter()
+            self.cpu, self.start = cpu_seconds(), time.perf_counter()
 
         def on_pre_optimizer_step(self, training_args, state, control, **kwargs):
             regions.sync()
@@ -328,7 +320,7 @@ def run_config(args: argparse.Namespace) -> dict:
 
         def on_step_end(self, training_args, state, control, **kwargs):
             regions.sync()
-            step = {"seconds": time.perf_counter() - self.start, "cpu_seconds": _cpu_seconds() - self.cpu,
+            step = {"seconds": time.perf_counter() - self.start, "cpu_seconds": cpu_seconds() - self.cpu,
                     "regions": dict(regions.seconds)}  # fmt: skip
             # dpkd's own measure of the same thing, as a cross-check of "student/teacher sampling"
             shares = getattr(trainer, "_metrics", {}).get("train", {}).get("generation_time_share")
@@ -337,9 +329,9 @@ def run_config(args: argparse.Namespace) -> dict:
             steps.append(step)
 
     trainer.add_callback(StepTimer())
-    base = torch.cuda.max_memory_allocated() if cuda else _max_rss_bytes()
+    base = torch.cuda.max_memory_allocated() if cuda else max_rss_bytes()
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() if cuda else _max_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if cuda else max_rss_bytes()
     measured = steps[args.warmup:]
     if not measured:
         raise RuntimeError(f"only {len(steps)} steps ran, none after the {args.warmup} warm-up steps")

@@ -6,6 +6,7 @@ Models are built from configs (random weights), saved with `save_pretrained` and
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -167,3 +168,15 @@ def make_config():
 def parameters():
     """`parameters(model)` → {name: detached copy} of its parameters, to compare before and after."""
     return _parameters
+
+
+@pytest.fixture
+def training_jsonl(tmp_path, make_dataset):
+    """`training_jsonl(n)`: `n` rows of `make_dataset` written to `<tmp_path>/train.jsonl`, whose path it returns."""
+
+    def write(n: int) -> Path:
+        path = tmp_path / "train.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in make_dataset(n=n)))
+        return path
+
+    return write

@@ -28,10 +28,8 @@ TINY = {"max_steps": 2, "per_device_train_batch_size": 4, "max_new_tokens": 4, "
 
 
 @pytest.fixture
-def data_file(tmp_path, make_dataset) -> Path:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in make_dataset(n=8)))
-    return path
+def data_file(training_jsonl) -> Path:
+    return training_jsonl(8)
 
 
 @pytest.fixture

@@ -39,10 +39,8 @@ def write_recipe(tmp_path: Path, name: str, data: Path, **values) -> Path:
 
 
 @pytest.fixture
-def train_data(tmp_path, make_dataset) -> Path:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in make_dataset(n=16)))
-    return path
+def train_data(training_jsonl) -> Path:
+    return training_jsonl(16)
 
 
 @pytest.fixture
