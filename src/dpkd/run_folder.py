@@ -154,11 +154,11 @@ def _step(name: str) -> int:
 
 def record_settings(recipe: Recipe) -> Path:
     """Write `dpkd_settings.json` (the method and `run_settings`) into output_dir, atomically."""
+    from dpkd.teacher_cache import write_atomically
+
     path = Path(recipe.config.output_dir) / SETTINGS_FILE
     record = {"method": recipe.config.method, "recipe": str(recipe.path), "settings": run_settings(recipe)}
-    temporary = path.with_name(f".{SETTINGS_FILE}.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
     return path
 
 
