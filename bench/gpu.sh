@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # dpkd against TRL on one GPU (bench/throughput.py --size gpt2: GPT-2 medium teaching GPT-2 small,
-# bf16), then the trainer tests; under 8 minutes in all.
+# bf16), the sampler against `generate` (bench/sampling.py), then the trainer tests on the GPU; under
+# 8.5 minutes in all (each part has its own time limit, so one that hangs leaves the others their time).
 #
 # For a machine with torch, transformers, accelerate, peft and pytest but without trl, datasets or
 # rouge-score, and without network (the H200 machine). Fetch the wheels beforehand, with network, from the
@@ -10,9 +11,11 @@
 #     bench/gpu.sh [WHEEL_DIR]          # or WHEELS=DIR; default: the first of .whl, shared/wheels, wheels
 # What it prints also goes under $OUT when set (the device tool brings $OUT back), else runs/gpu-<time>/:
 # env.txt (GPU, versions), throughput.md (the tables), throughput.json (rewritten after each configuration,
-# so a run cut short keeps what it measured), tests.log, pip-dpkd.log.
+# so a run cut short keeps what it measured), sampling.md, tests.log, pip-dpkd.log.
 # For a dry run elsewhere: SITE (where the wheels go, default /tmp/site), THROUGHPUT_ARGS (default
-# "--size gpt2 --device cuda") and TESTS (default: the two trainer test files) replace those parts.
+# "--size gpt2 --device cuda"), SAMPLING_ARGS (default "--size gpt2 --device cuda --batch 16
+# --new-tokens 128 --repeats 3"), TESTS (default: the trainer and precision test files) and
+# TEST_DEVICE (default cuda) replace those parts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-$(date -u +%Y%m%dT%H%M%S)}
@@ -63,19 +66,28 @@ print("dpkd from", dpkd.__file__, "; GPU visible to torch:", torch.cuda.is_avail
 PYTHON
 } 2>&1 | tee "$out/env.txt"
 
-# About 4 minutes on an H200 (10 configurations, each in its own process: ~15 s to start, then 5 steps).
-# A child is stopped after 120 s, the whole benchmark after 300 s (timeout signals its process group).
-# shellcheck disable=SC2086  # THROUGHPUT_ARGS and TESTS are word lists
-timeout -k 10 300 "$py" bench/throughput.py ${THROUGHPUT_ARGS:---size gpt2 --device cuda} \
-  --child-timeout 120 --json "$out/throughput.json" 2>&1 | tee "$out/throughput.md"
+# About 5 minutes on an H200 (12 configurations, each in its own process: ~15 s to start, a compile of
+# the decode step where dpkd samples (transformers' static-cache path; the compiled graphs are cached on
+# disk for the next process), then 5 steps). A child is stopped after 150 s, the whole benchmark after
+# 330 s (timeout signals its process group).
+# shellcheck disable=SC2086  # THROUGHPUT_ARGS, SAMPLING_ARGS and TESTS are word lists
+timeout -k 10 330 "$py" bench/throughput.py ${THROUGHPUT_ARGS:---size gpt2 --device cuda} \
+  --child-timeout 150 --json "$out/throughput.json" 2>&1 | tee "$out/throughput.md"
 bench_status=$?
 
-# The trainer tests run on whatever device the trainer picks (TrainingArguments: the GPU when there is
-# one, unless a test sets use_cpu); DPKD_TEST_DEVICE=cuda says which was meant, for tests that read it.
+# The sampler alone, student and teacher, against plain `generate` with the dynamic cache (about 1 minute).
 # shellcheck disable=SC2086
-DPKD_TEST_DEVICE=cuda timeout -k 10 100 "$py" -m pytest -q -x -p no:cacheprovider \
-  ${TESTS:-tests/test_trainer.py tests/test_trainer_dpkd.py} 2>&1 | tee "$out/tests.log"
+timeout -k 10 100 "$py" bench/sampling.py ${SAMPLING_ARGS:---size gpt2 --device cuda --batch 16 \
+  --new-tokens 128 --repeats 3} 2>&1 | tee "$out/sampling.md"
+sampling_status=$?
+
+# The trainer tests on the GPU: conftest's make_config reads DPKD_TEST_DEVICE (tests that set use_cpu
+# themselves stay on the CPU). Every failure is listed (-rf), none stops the run.
+# shellcheck disable=SC2086
+DPKD_TEST_DEVICE=${TEST_DEVICE:-cuda} timeout -k 10 90 "$py" -m pytest -q -rf -p no:cacheprovider \
+  ${TESTS:-tests/test_precision.py tests/test_trainer_dpkd.py tests/test_trainer.py} 2>&1 | tee "$out/tests.log"
 tests_status=$?
 
-echo "throughput: exit $bench_status; tests: exit $tests_status (124: timed out); output in $out"
-exit $((bench_status != 0 ? bench_status : tests_status))
+echo "throughput: exit $bench_status; sampling: exit $sampling_status; tests: exit $tests_status" \
+  "(124: timed out); output in $out"
+exit $((bench_status != 0 ? bench_status : sampling_status != 0 ? sampling_status : tests_status))

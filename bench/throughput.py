@@ -94,6 +94,7 @@ class Config:
     lmbda: float = 0.0
     beta: float = 0.5  # TRL's generalized-JSD β (0: forward KL, 0.5: JSD)
     cache: str = ""  # dpkd's `dpkd`: a "cold" or "warm" teacher cache
+    options: tuple[tuple[str, object], ...] = ()  # dpkd: further DistillationConfig fields
 
 
 CONFIGS = {
@@ -103,6 +104,15 @@ CONFIGS = {
     "dpkd_jsd_lmbda1": Config("dpkd", "jsd", "dpkd jsd, lmbda=1", lmbda=1.0),
     "dpkd_dpkd_cold": Config("dpkd", "dpkd", "dpkd dpkd, cold cache", cache="cold"),
     "dpkd_dpkd_warm": Config("dpkd", "dpkd", "dpkd dpkd, warm cache", cache="warm"),
+    # The same two methods with their vocabulary-sized work in token chunks whatever the vocabulary
+    # (`chunked_loss_vocab_threshold: 1`; GPT-2's 50257 is below the default 65536).
+    "dpkd_jsd_chunked": Config("dpkd", "jsd", "dpkd jsd, chunked", options=(("chunked_loss_vocab_threshold", 1),)),
+    # dpkd scores y_t and y_s in groups of the per-device batch by default, each group recomputed in the
+    # backward pass (`preference_micro_batch_size`); 0 scores all 2B sequences in one forward.
+    "dpkd_dpkd_warm_onepass": Config("dpkd", "dpkd", "dpkd dpkd, warm cache, one scoring pass", cache="warm",
+                                     options=(("preference_micro_batch_size", 0),)),
+    "dpkd_dpkd_warm_chunked": Config("dpkd", "dpkd", "dpkd dpkd, warm cache, chunked", cache="warm",
+                                     options=(("chunked_loss_vocab_threshold", 1),)),
     "trl_gkd_fkl_lmbda0": Config("trl", "gkd", "TRL GKD λ=0 β=0", beta=0.0),
     "trl_gkd_jsd_lmbda0": Config("trl", "gkd", "TRL GKD λ=0 β=0.5"),
     "trl_gkd_jsd_lmbda1": Config("trl", "gkd", "TRL GKD λ=1 β=0.5", lmbda=1.0),
@@ -112,10 +122,13 @@ CONFIGS = {
 # pair -> its rows, each (dpkd configuration, TRL configuration)
 PAIRS = {
     "kd": [("dpkd_kd", "trl_gkd_fkl_lmbda0")],
-    "jsd": [("dpkd_jsd", "trl_gkd_jsd_lmbda0")],
+    "jsd": [("dpkd_jsd", "trl_gkd_jsd_lmbda0"), ("dpkd_jsd_chunked", "trl_gkd_jsd_lmbda0")],
     "dpkd_token": [("dpkd_dpkd_token", "trl_gkd_jsd_lmbda0")],
     "jsd_onpolicy": [("dpkd_jsd_lmbda1", "trl_gkd_jsd_lmbda1")],
-    "dpkd_vs_distillation": [("dpkd_dpkd_cold", "trl_distillation"), ("dpkd_dpkd_warm", "trl_distillation")],
+    "dpkd_vs_distillation": [("dpkd_dpkd_cold", "trl_distillation"), ("dpkd_dpkd_warm", "trl_distillation"),
+                             ("dpkd_dpkd_warm_onepass", "trl_distillation"),
+                             ("dpkd_dpkd_warm_chunked", "trl_distillation")],
+    "dpkd_memory": [("dpkd_dpkd_warm", "trl_distillation"), ("dpkd_dpkd_warm_onepass", "trl_distillation")],
     "dpkd_vs_gkd": [("dpkd_dpkd_cold", "trl_gkd_jsd_lmbda1"), ("dpkd_dpkd_warm", "trl_gkd_jsd_lmbda1")],
 }
 
@@ -128,12 +141,15 @@ REGIONS = ["student sampling", "teacher sampling", "teacher forward", "student f
 
 
 class Regions:
-    """Wall time spent in named regions of a step. A region entered inside another counts toward the outer
-    one: the backbone's forward passes inside `generate` are sampling."""
+    """Wall time spent in named regions of a step, and on CUDA the peak memory allocated in each. A region
+    entered inside another counts toward the outer one: the backbone's forward passes inside `generate` are
+    sampling. Memory outside every region (the lm_head projections and the loss, mostly) is `rest`."""
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
         self.seconds: dict[str, float] = defaultdict(float)
+        self.peaks: dict[str, int] = defaultdict(int)  # bytes; the maximum over every step
+        self.overall_peak = 0
         self._open: str | None = None
 
     def sync(self) -> None:
@@ -142,18 +158,30 @@ class Regions:
 
             torch.cuda.synchronize()
 
+    def take_peak(self, name: str) -> None:
+        """Charge the CUDA peak since the last call to `name`, then start a new peak."""
+        if self.cuda:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated()
+            self.peaks[name] = max(self.peaks[name], peak)
+            self.overall_peak = max(self.overall_peak, peak)
+            torch.cuda.reset_peak_memory_stats()
+
     @contextlib.contextmanager
     def region(self, name: str):
         if self._open is not None:
             yield
             return
         self.sync()
+        self.take_peak("rest")
         self._open, start = name, time.perf_counter()
         try:
             yield
         finally:
             self.sync()
             self.seconds[name] += time.perf_counter() - start
+            self.take_peak(name)
             self._open = None
 
     def wrap(self, name: str, function):
@@ -248,7 +276,7 @@ def _build_trainer(config: Config, args, size: Size, tokenizer, student, teacher
             **common, method=config.trainer, lmbda=config.lmbda, temperature=1.0,  # beta: the method's default
             sampling_temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=size.new_tokens,
             max_prompt_length=size.prompt_length, max_length=size.prompt_length + size.new_tokens,
-            teacher_cache_dir=args.cache_dir or os.path.join(output_dir, "teacher_cache"),
+            teacher_cache_dir=args.cache_dir or os.path.join(output_dir, "teacher_cache"), **dict(config.options),
         )  # fmt: skip
         return DistillationTrainer(model=student, teacher_model=teacher, args=training_args,
                                    train_dataset=data, processing_class=tokenizer)  # fmt: skip
@@ -312,14 +340,17 @@ def run_config(args: argparse.Namespace) -> dict:
 
         def on_pre_optimizer_step(self, training_args, state, control, **kwargs):
             regions.sync()
+            regions.take_peak("rest")
             self.optimizer_start = time.perf_counter()
 
         def on_optimizer_step(self, training_args, state, control, **kwargs):
             regions.sync()
             regions.seconds["optimizer"] += time.perf_counter() - self.optimizer_start
+            regions.take_peak("optimizer")
 
         def on_step_end(self, training_args, state, control, **kwargs):
             regions.sync()
+            regions.take_peak("rest")
             step = {"seconds": time.perf_counter() - self.start, "cpu_seconds": cpu_seconds() - self.cpu,
                     "regions": dict(regions.seconds)}  # fmt: skip
             # dpkd's own measure of the same thing, as a cross-check of "student/teacher sampling"
@@ -331,7 +362,11 @@ def run_config(args: argparse.Namespace) -> dict:
     trainer.add_callback(StepTimer())
     base = torch.cuda.max_memory_allocated() if cuda else max_rss_bytes()
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() if cuda else max_rss_bytes()
+    if cuda:  # the peaks charged to regions were reset as they were taken
+        regions.take_peak("rest")
+        peak = max(regions.overall_peak, base)
+    else:
+        peak = max_rss_bytes()
     measured = steps[args.warmup:]
     if not measured:
         raise RuntimeError(f"only {len(steps)} steps ran, none after the {args.warmup} warm-up steps")
@@ -344,7 +379,7 @@ def run_config(args: argparse.Namespace) -> dict:
         "cpu_seconds": statistics.median(s["cpu_seconds"] for s in measured),
         "regions": {name: statistics.fmean(s["regions"].get(name, 0.0) for s in measured)
                     for name in REGIONS},
-        "peak_bytes": peak, "base_bytes": base,
+        "peak_bytes": peak, "base_bytes": base, "region_peak_bytes": dict(regions.peaks),
         "sampled": sorted({f"{s['role']} {s['new_tokens']}" for s in samples}),
         "eos_sampled": sum(s["eos"] for s in samples), "generate_calls": len(samples),
         "threads": torch.get_num_threads(), "device_name": torch.cuda.get_device_name() if cuda else "cpu",
@@ -481,9 +516,12 @@ def main(argv: list[str] | None = None) -> None:
 
     needed = list(dict.fromkeys(name for pair in args.pairs for row in PAIRS[pair] for name in row))
     # The warm run reads the teacher outputs the cold run wrote (same teacher, prompts and sampling settings).
-    if {"dpkd_dpkd_cold", "dpkd_dpkd_warm"} <= set(needed):
+    warm = [name for name in needed if CONFIGS[name].cache == "warm"]
+    if warm and "dpkd_dpkd_cold" not in needed:
+        needed.insert(needed.index(warm[0]), "dpkd_dpkd_cold")
+    elif warm and needed.index("dpkd_dpkd_cold") > needed.index(warm[0]):
         needed.remove("dpkd_dpkd_cold")
-        needed.insert(needed.index("dpkd_dpkd_warm"), "dpkd_dpkd_cold")
+        needed.insert(needed.index(warm[0]), "dpkd_dpkd_cold")
 
     import torch
     import transformers
@@ -535,6 +573,18 @@ def main(argv: list[str] | None = None) -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name in needed:
         print(_breakdown_row(results[name]))
+    if not cpu:
+        print("\nWhere the CUDA peak is reached: the peak allocated (GiB, weights and optimizer state included) "
+              "inside each part of the step, the maximum over all steps; `rest` is outside every timed part "
+              "(lm_head projections and loss, mostly):\n")
+        parts = [*REGIONS, "rest"]
+        print("| configuration | peak GiB | " + " | ".join(parts) + " |\n|" + "---|" * (len(parts) + 2))
+        for name in needed:
+            result = results[name]
+            if "error" not in result:
+                peaks = result["region_peak_bytes"]
+                print(f"| {CONFIGS[name].label} | {_gib(result['peak_bytes'])} | "
+                      + " | ".join(_gib(peaks[p]) if p in peaks else "—" for p in parts) + " |")
     devices = sorted({r["device_name"] for r in results.values() if "device_name" in r})
     elapsed = time.perf_counter() - started
     print(f"\n# {len(needed)} configurations in {elapsed:.0f} s on {', '.join(devices) or args.device}")

@@ -138,18 +138,21 @@ def _make_dataset(n: int = 16, seed: int = 0, prompt_words: int = 3,
 
 
 def _make_config(output_dir, method: str, **overrides):
-    """A `DistillationConfig` for two CPU steps of batch 4 with short generations; `overrides` win."""
+    """A `DistillationConfig` for two steps of batch 4 with short generations, on the CPU unless
+    `DPKD_TEST_DEVICE=cuda` (bench/gpu.sh runs the trainer tests on a GPU so); `overrides` win."""
     from dpkd.config import DistillationConfig
 
     settings = dict(output_dir=str(output_dir), method=method, max_steps=2, per_device_train_batch_size=4,
                     learning_rate=1e-3, max_new_tokens=8, max_prompt_length=48, max_length=64, logging_steps=1,
-                    save_steps=2, disable_tqdm=True, use_cpu=True, seed=0)
+                    save_steps=2, disable_tqdm=True, seed=0,
+                    use_cpu=os.environ.get("DPKD_TEST_DEVICE", "cpu") == "cpu")
     settings.update(overrides)
     return DistillationConfig(**settings)
 
 
 def _parameters(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    # On the CPU whatever the model's device, so that tests compare them the same way on a GPU.
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="session")

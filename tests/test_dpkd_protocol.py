@@ -223,3 +223,50 @@ def test_protocol_fields_are_part_of_the_run_settings_record():
     assert recipe.config.kd_ratio == 0.5 and recipe.config.beta == 0.1
     first_line = PAPER_RECIPE.read_text(encoding="utf-8").splitlines()[0]
     assert first_line.startswith("# ") and "released code" in first_line
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring y_t and y_s in groups under activation checkpointing
+
+
+@pytest.mark.parametrize("group_size", [None, 1, 3])
+def test_scoring_in_groups_gives_the_one_pass_loss_and_gradients_one_group_forward_at_a_time(
+        teacher_dir, student_dir, tokenizer, make_config, make_dataset, tmp_path, group_size):
+    def step(size):
+        trainer, _, _, loss, _ = _one_step(teacher_dir, student_dir, tokenizer, make_config, make_dataset,
+                                           tmp_path / str(size), num_student_samples=2,
+                                           preference_micro_batch_size=size)
+        return trainer, loss
+
+    reference, reference_loss = step(0)
+    # compute_loss was run without backward in _one_step: redo it with one, counting student forwards.
+    def gradients(trainer):
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        rows = []
+        hook = trainer.model.model.register_forward_hook(lambda module, args, kwargs, out: rows.append(
+            kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None, with_kwargs=True)
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, inputs).backward()
+        hook.remove()
+        return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}, rows
+
+    expected, reference_rows = gradients(reference)
+    grouped, loss = step(group_size)
+    got, rows = gradients(grouped)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    assert got.keys() == expected.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    total = 4 + 2 * 4  # B y_t and k·B y_s
+    assert reference_rows == [total]
+    size = 4 if group_size is None else group_size  # None: the per-device batch, 4 prompts
+    groups = [min(size, total - start) for start in range(0, total, size)]
+    # each group forward once with the loss, then again, alone, in the backward pass
+    assert sorted(rows) == sorted(groups * 2) and rows[:len(groups)] == groups
+
+
+def test_preference_micro_batch_size_must_be_a_whole_number_or_null(make_config, tmp_path):
+    for bad in (-1, 2.5, "4", True):
+        with pytest.raises(ValueError, match="preference_micro_batch_size: expected a whole number"):
+            make_config(tmp_path, "dpkd", preference_micro_batch_size=bad)
+    assert make_config(tmp_path, "dpkd", preference_micro_batch_size=8.0).preference_micro_batch_size == 8

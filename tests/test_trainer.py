@@ -223,13 +223,13 @@ def test_student_scores_teacher_and_student_responses_in_one_forward_pass(model_
     calls = []
     student.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
                                         with_kwargs=True)
-    args = make_config(tmp_path, "dpkd", max_steps=1, save_strategy="no")
+    args = make_config(tmp_path, "dpkd", max_steps=1, save_strategy="no", preference_micro_batch_size=0)
     trainer = DistillationTrainer(model=student, teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir),
                                   args=args, train_dataset=make_dataset(), processing_class=tokenizer)
     calls.clear()
     trainer.train()
-    # Generation runs the backbone once per new token on the growing cache; the scoring pass is the one
-    # call over 2B full sequences.
+    # Generation runs the backbone once per new token on the growing cache; with preference_micro_batch_size 0
+    # the scoring pass is the one call over 2B full sequences (groups: test_dpkd_protocol).
     full_passes = [shape for shape in calls if shape[0] == 8]
     assert len(full_passes) == 1 and all(shape[0] == 4 for shape in calls if shape[0] != 8)
 

@@ -72,8 +72,9 @@ def test_dpkd_raises_the_students_log_prob_of_teacher_outputs_and_preference_acc
     batch = build_scoring_batch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
     def mean_token_logp(model):
+        device = next(model.parameters()).device
         with torch.no_grad():
-            logps, counts = completion_logps(model.eval(), batch)
+            logps, counts = completion_logps(model.eval(), {key: value.to(device) for key, value in batch.items()})
         return (logps / counts).mean().item()
 
     trained, control = mean_token_logp(runs["dpkd"][0].model), mean_token_logp(runs["control"][0].model)

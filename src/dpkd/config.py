@@ -137,6 +137,12 @@ class DistillationConfig(TrainingArguments):
         "help": "dpkd: samples y_s drawn from the student per prompt, k; the loss is the mean of the k pairwise "
                 "losses (y_t, y_s_j), so the noisy y_s half of the gradient averages down. The k·B draws are one "
                 "batched sampling call. Must be >= 1."})
+    preference_micro_batch_size: int | None = field(default=None, metadata={
+        "help": "dpkd: sequences per student forward when it scores y_t and y_s. The (1 + k)·B sequences are "
+                "scored this many at a time, each group recomputed in the backward pass (activation "
+                "checkpointing): the step holds one group's activations instead of all of them, for one extra "
+                "student forward. Default (None): per_device_train_batch_size, so the peak is about that of a "
+                "forward over the batch's B prompts. 0: all at once, no recomputation (fastest, most memory)."})
     sft_target: str = field(default="dataset", metadata={
         "help": "What the CE term of the kd_ratio mixture trains on: `dataset` (the dataset responses) or "
                 "`teacher` (the teacher's cached samples y_t, the released code's choice; the y_t the method "
@@ -260,8 +266,8 @@ class DistillationConfig(TrainingArguments):
         super().__post_init__()
 
     def _check_protocol_fields(self) -> None:
-        """disable_dropout, num_student_samples, sft_target and pretrain_kd_ratio: types, ranges, and the
-        methods they make sense for."""
+        """disable_dropout, num_student_samples, preference_micro_batch_size, sft_target and pretrain_kd_ratio:
+        types, ranges, and the methods they make sense for."""
         if not isinstance(self.disable_dropout, bool):
             raise ValueError(f"disable_dropout: expected true or false, got {self.disable_dropout!r}")
         if isinstance(self.num_student_samples, float) and self.num_student_samples.is_integer():
@@ -269,6 +275,12 @@ class DistillationConfig(TrainingArguments):
         if not isinstance(self.num_student_samples, int):
             raise ValueError(f"num_student_samples: expected a whole number >= 1, got {self.num_student_samples!r}")
         _check_range("num_student_samples", self.num_student_samples, low=1)
+        size = self.preference_micro_batch_size
+        if isinstance(size, float) and size.is_integer():
+            size = self.preference_micro_batch_size = int(size)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"preference_micro_batch_size: expected a whole number >= 0 (0: score every sequence in "
+                             f"one forward) or null (the per-device batch size), got {size!r}")
         if self.sft_target not in SFT_TARGETS:
             raise ValueError(f"sft_target: expected one of {', '.join(SFT_TARGETS)}, got {self.sft_target!r}"
                              f"{did_you_mean(str(self.sft_target), SFT_TARGETS, n=1)}")

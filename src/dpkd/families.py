@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dpkd import losses
 from dpkd.chunked_losses import chunked_token_loss
@@ -178,8 +179,14 @@ class Preference(Family):
                                         (pref["student_ids"], pref["student_mask"]), trainer.pad_token_id)
         prompts = torch.cat([pref["prompt_input_ids"], pref["prompt_input_ids"].repeat_interleave(k, 0)])
         prompt_mask = torch.cat([pref["prompt_attention_mask"], pref["prompt_attention_mask"].repeat_interleave(k, 0)])
-        logps, lengths = _student_sequence_logps(step, build_scoring_batch(prompts, prompt_mask, ids, mask))
         b = pref["teacher_ids"].shape[0]
+        if step.training:  # identical pairs give a gradient of exactly 0: not an overflow
+            paired_ids, paired_mask = ids[:b].repeat_interleave(k, 0), mask[:b].repeat_interleave(k, 0)
+            trainer.expect_zero_gradient(bool(torch.equal(paired_mask, mask[b:])
+                                              and torch.equal(paired_ids * paired_mask, ids[b:] * mask[b:])))
+        size = args.preference_micro_batch_size
+        logps, lengths = _student_sequence_logps_in_groups(
+            step, build_scoring_batch(prompts, prompt_mask, ids, mask), b if size is None else size)
         teacher_ce = None
         if with_teacher_ce:
             n_teacher_tokens = int(lengths[:b].sum())
@@ -234,6 +241,26 @@ def _student_sequence_logps(step: Step, batch: dict[str, torch.Tensor]) -> tuple
     hidden = final_hidden_states(step.student, batch)
     return sequence_logps_from_hidden(hidden[:, :-1], head.weight, batch["labels"][:, 1:], bias=head.bias,
                                       chunked=step.trainer.chunked(head))
+
+
+def _student_sequence_logps_in_groups(step: Step, batch: dict[str, torch.Tensor],
+                                      group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_student_sequence_logps` over the rows of `batch` `group_size` at a time, each group under activation
+    checkpointing: its forward keeps no activations and is run again, group by group, in the backward pass.
+    The same values and gradients as one pass over all rows, at the peak memory of one group's forward and one
+    extra forward. `group_size` 0, or one group, is the plain pass."""
+    n_rows = batch["input_ids"].shape[0]
+    if group_size <= 0 or group_size >= n_rows or not torch.is_grad_enabled():
+        return _student_sequence_logps(step, batch)
+    keys = [key for key in ("input_ids", "attention_mask", "position_ids", "labels") if key in batch]
+
+    def score(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _student_sequence_logps(step, dict(zip(keys, tensors)))
+
+    sums, counts = zip(*(
+        checkpoint(score, *(batch[key][start:start + group_size] for key in keys), use_reentrant=False)
+        for start in range(0, n_rows, group_size)))
+    return torch.cat(sums), torch.cat(counts)
 
 
 def pretrain_term(step: Step, batch: dict[str, torch.Tensor], kd_ratio: float) -> Term:

@@ -190,6 +190,8 @@ class DistillationTrainer(Trainer):
         # number of steps skipped so far (read back from the logs on the first log after a resume).
         self._step_nonfinite: dict[str, float] = {}
         self._step_loss = 0.0
+        # Whether a gradient of exactly 0 is this step's true gradient (every micro-batch said so), not an overflow.
+        self._step_zero_gradient_expected: bool | None = None
         self._nonfinite_skipped: int | None = None
         self._steps_kept_since_log = 0
         self._staging_dir: str | None = None
@@ -257,6 +259,8 @@ class DistillationTrainer(Trainer):
             raise NonFiniteError(self._fault_message(f"loss {_describe_terms(nonfinite)}"))
         self._step_nonfinite.update(nonfinite)
         weights = {"distill": self.kd_ratio, "ce": 1.0 - self.kd_ratio, "pt": self.args.lm_coef}
+        if training and any(weights[name] > 0 for name in terms if name != "distill"):
+            self.expect_zero_gradient(False)  # a CE or pre-training term always has a gradient
         loss = sum(weight * terms[name][0] for name, weight in weights.items() if name in terms)
         step.metrics.update({f"loss/{name}": logged for name, (_, logged) in terms.items()})
         if not nonfinite:  # a skipped batch's NaNs would poison the logged means
@@ -306,10 +310,12 @@ class DistillationTrainer(Trainer):
             fault = f"loss {_describe_terms(terms)}"
         elif not math.isfinite(norm) and self.accelerator.scaler is None:  # a GradScaler skips such steps itself
             fault = f"gradient norm is {norm} while every loss term is finite"
-        elif norm == 0.0:  # the same on every rank, so the collective below is reached by all of them
-            total = float(self.accelerator.reduce(torch.as_tensor(loss, dtype=torch.float32,
-                                                                  device=self.args.device), "sum"))
-            if total > 0:
+        expected_zero, self._step_zero_gradient_expected = self._step_zero_gradient_expected, None
+        if fault is None and norm == 0.0:  # the same on every rank, so the collective below is reached by all
+            summed = self.accelerator.reduce(torch.tensor([loss, float(not expected_zero)], dtype=torch.float32,
+                                                          device=self.args.device), "sum")
+            total, unexplained = float(summed[0]), float(summed[1])
+            if total > 0 and unexplained > 0:
                 local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2 shards
                 largest = max((float(p.detach().abs().max()) for p in local if p.numel()), default=0.0)
                 fault = (f"gradient is exactly 0 in every parameter while the loss is {total:.4g}: activations "
@@ -374,6 +380,13 @@ class DistillationTrainer(Trainer):
                 count /= self.accelerator.num_processes
             return max(count, 1.0)
         return max(n_tokens, 1) * self.accumulation_steps()
+
+    def expect_zero_gradient(self, expected: bool) -> None:
+        """A family's word on this micro-batch: whether its terms have a gradient of exactly 0 (dpkd when every
+        pair has y_s = y_t: the two log-ratios cancel), so that a zero gradient norm is not taken for an overflow.
+        The step's zero gradient is expected only if every micro-batch said so."""
+        previous = self._step_zero_gradient_expected
+        self._step_zero_gradient_expected = expected if previous is None else previous and expected
 
     def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step, by which a per-micro-batch mean is divided."""
