@@ -284,3 +284,14 @@ def test_teacher_with_another_eos_is_refused(student_dir, teacher_dir, tmp_path)
     with pytest.raises(EvaluationError, match=r"do not share a vocabulary; log q/p compares token ids:\n"
                                               r"  - eos_token_id differs: teacher 5, student 0"):
         check_shared_vocabulary(Path(student_dir), other_eos)
+
+
+def test_a_mistyped_folder_under_a_local_folder_is_no_hub_id_and_is_named_with_a_suggestion(
+        student_dir, eval_data_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs" / "student").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluation, "_load_model", _fail_if_loaded)
+    assert main(["eval", "--model", "runs/stdent", "--data-dir", str(eval_data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "--model: model directory 'runs/stdent' does not exist (did you mean 'student'?)" in err
+    assert "hub" not in err

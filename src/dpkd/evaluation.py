@@ -44,6 +44,7 @@ from dpkd.modeling import (
     hub_unreachable_reason,
     is_hub_id,
     load_tokenizer,
+    missing_path_hint,
 )
 from dpkd.teacher_cache import model_fingerprint, write_atomically
 
@@ -189,7 +190,7 @@ def check_model_dir(path: str | Path, argument: str = "--model") -> Path | str:
         return str(path)
     path = Path(path)
     if not path.is_dir():
-        raise EvaluationError(f"{argument}: model directory {str(path)!r} does not exist")
+        raise EvaluationError(f"{argument}: model directory {str(path)!r} does not exist{missing_path_hint(path)}")
     if not (path / "config.json").is_file():
         raise EvaluationError(f"{argument}: {str(path)!r} has no config.json; is it a saved model directory?")
     return path

@@ -99,10 +99,21 @@ def _resolve_name(path: str | Path) -> str | Path:
 
 def is_hub_id(source: str | os.PathLike) -> bool:
     """Whether `source` reads as a Hugging Face Hub repository id, `org/name`, and not as a local path: no
-    leading `.` or `/`, one slash, and no such file or folder here. `from_pretrained` fetches it."""
+    leading `.` or `/`, one slash, no such file or folder here, and no local folder `org` either (`runs/stdent`
+    is a mistyped folder in `runs/`, not a repository of an organisation `runs`). `from_pretrained` fetches it."""
     text = str(source)
     return (re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith(".")
-            and not Path(text).exists())
+            and not Path(text).exists() and not Path(text).parent.is_dir())
+
+
+def missing_path_hint(path: str | os.PathLike) -> str:
+    """` (did you mean 'x'?)` for the entries of the missing path's folder closest to its name, or ""."""
+    path = Path(path)
+    try:
+        siblings = [entry.name for entry in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        siblings = []
+    return did_you_mean(path.name, siblings, n=2)
 
 
 def hub_unreachable_reason() -> str:
@@ -116,8 +127,9 @@ def _check_local_source(path: str | Path, gguf_file: str | None) -> None:
     """Fail early and by name on a local path that does not exist (a hub id, `org/name`, is passed through)."""
     path = Path(path)
     looks_local = path.is_absolute() or str(path).startswith(".") or len(path.parts) > 2 or path.exists()
-    if looks_local and not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    in_local_folder = len(path.parts) == 2 and path.parent.is_dir()  # `runs/stdent`: see is_hub_id
+    if (looks_local or in_local_folder) and not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist{missing_path_hint(path)}")
     if gguf_file is not None and path.is_dir() and not (path / gguf_file).is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {str(path)!r}")
 
