@@ -280,6 +280,45 @@ def test_peft_config_trains_an_adapter_that_peft_loads_back(model_pairs, tokeniz
                                   AutoModelForCausalLM.from_pretrained(student_dir)(input_ids=ids).logits)
 
 
+def test_a_merged_adapter_is_saved_as_a_plain_model_staged_and_never_with_a_non_finite_weight(
+        model_pairs, tokenizer, tmp_path, make_config, make_dataset):
+    import torch
+    from peft import LoraConfig
+
+    from dpkd.trainer import DistillationTrainer, NonFiniteError
+
+    teacher_dir, student_dir = model_pairs["llama"]
+
+    def trained(out):
+        trainer = DistillationTrainer(model=str(student_dir), teacher_model=str(teacher_dir),
+                                      args=make_config(out, "rkl", max_steps=1, save_strategy="no"),
+                                      train_dataset=make_dataset(n=4), processing_class=tokenizer,
+                                      peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                             task_type="CAUSAL_LM"))
+        trainer.train()
+        return trainer
+
+    trainer = trained(tmp_path / "merged")
+    expected = trainer.accelerator.unwrap_model(trainer.model).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        logits = expected(input_ids=ids).logits
+    trainer.save_merged_model()
+    out = tmp_path / "merged"
+    assert not (out / "adapter_config.json").exists() and not list(out.glob(".partial-*"))
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits, logits)
+    assert "library_name: peft" not in (out / "README.md").read_text()
+
+    poisoned = trained(tmp_path / "poisoned")
+    with torch.no_grad():
+        next(p for n, p in poisoned.model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="holds nan values"):
+        poisoned.save_merged_model()
+    assert not (tmp_path / "poisoned" / "config.json").exists()
+    assert not [p for p in (tmp_path / "poisoned").iterdir() if p.name.startswith(".")]
+
+
 def test_recipe_peft_section_uses_peft_names_and_lora_is_deprecated(student_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q {i}:", "completion": f" a {i}"}) + "\n" for i in range(8)))

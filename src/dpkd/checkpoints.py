@@ -73,8 +73,34 @@ def unstaged(path: str | os.PathLike) -> Path:
     return path
 
 
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves, so that a rename that publishes them
+    cannot reach the disk before their contents do (a power loss would otherwise leave a complete-looking
+    folder of empty or torn files)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    """fsync one file or folder; where a folder cannot be opened (some platforms), nothing is synced through it."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def move_into_place(source: Path, target: Path) -> None:
-    """Rename the folder `source` to `target`, replacing an older `target` (set aside first, deleted after)."""
+    """Rename the folder `source` to `target`, replacing an older `target` (set aside first, deleted after);
+    its contents are on disk before the rename is."""
+    sync_tree(source)
     if target.exists():
         old = target.with_name(f"{STAGING_PREFIX}old-{target.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -83,11 +109,13 @@ def move_into_place(source: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(source, target)
+    _fsync(target.parent)
 
 
 def replace_model_files(staging: Path, target: Path) -> None:
     """Move a saved model's files from `staging` into `target`: the marker files (`config.json`) go first and
     come back last, and weight files of an older save that the new one does not have are removed."""
+    sync_tree(staging)
     new = {path.name for path in staging.iterdir()}
     for marker in _MODEL_MARKERS:
         (target / marker).unlink(missing_ok=True)
@@ -100,3 +128,4 @@ def replace_model_files(staging: Path, target: Path) -> None:
             shutil.rmtree(destination)
         os.replace(path, destination)
     staging.rmdir()
+    _fsync(target)

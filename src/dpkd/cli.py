@@ -105,11 +105,7 @@ def train_from_cli(config_path: str, overrides: list[str] | None = None) -> int:
     if (recipe.run.get("lora") or recipe.run.get("peft")) and recipe.run.get("merge_adapter", True):
         # The run's output is a plain model that `from_pretrained` and `dpkd eval` load; the checkpoints keep
         # the adapters alone.
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        if trainer.is_world_process_zero():
-            merged.save_pretrained(args.output_dir)
-            tokenizer.save_pretrained(args.output_dir)
-            trainer.write_model_card(args.output_dir, adapter=False)
+        trainer.save_merged_model()
     else:
         trainer.save_model()
     losses_logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -547,13 +547,37 @@ class DistillationTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Refuse to write a model with a non-finite weight, then save as the Trainer does."""
         tensors = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
+        self._refuse_nonfinite_weights(tensors, output_dir or self.args.output_dir)
+        super()._save(output_dir, state_dict)
+        self.write_model_card(output_dir or self.args.output_dir)
+
+    def _refuse_nonfinite_weights(self, tensors: dict, folder: str | os.PathLike) -> None:
         for name, tensor in tensors.items():
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
                 raise NonFiniteError(self._fault_message(f"weight {name} holds {kind} values",
-                                                         saving=str(unstaged(output_dir or self.args.output_dir))))
-        super()._save(output_dir, state_dict)
-        self.write_model_card(output_dir or self.args.output_dir)
+                                                         saving=str(unstaged(folder))))
+
+    def save_merged_model(self, output_dir: str | None = None) -> None:
+        """Merge the peft adapter into the base weights (`merge_and_unload`, which changes the model in place) and
+        save the result as a plain model that `from_pretrained` loads, as `save_model` saves: refused if a weight
+        is not finite, staged, then moved in with `config.json` last; the model card says it is merged."""
+        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+        target = Path(output_dir if output_dir is not None else self.args.output_dir)
+        staging = target / f"{STAGING_PREFIX}model"
+        self._clear_staging(staging)
+        if self.args.should_save:
+            try:
+                self._refuse_nonfinite_weights(merged.state_dict(), target)
+                merged.save_pretrained(staging)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(staging)
+                self.write_model_card(staging, adapter=False)
+            except BaseException:
+                self._drop_staging(staging)
+                raise
+            replace_model_files(staging, target)
+        self.accelerator.wait_for_everyone()
 
     def write_model_card(self, folder: str | os.PathLike, *, adapter: bool | None = None) -> Path | None:
         """`README.md` in `folder` (`dpkd.model_card`): method, models, data, settings, and the results of the
