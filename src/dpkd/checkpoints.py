@@ -16,6 +16,8 @@ from pathlib import Path
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from dpkd.durable import fsync_path, sync_tree
+
 # A save in progress lives in `<output_dir>/.partial-<name>` until it is complete and renamed to `<name>`.
 STAGING_PREFIX = ".partial-"
 # Weight files as `save_pretrained` names them (sharded or not, full model or adapter).
@@ -73,30 +75,6 @@ def unstaged(path: str | os.PathLike) -> Path:
     return path
 
 
-def sync_tree(folder: Path) -> None:
-    """fsync every file under `folder`, then the folders themselves, so that a rename that publishes them
-    cannot reach the disk before their contents do (a power loss would otherwise leave a complete-looking
-    folder of empty or torn files)."""
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync(path)
-    _fsync(folder)
-
-
-def _fsync(path: Path) -> None:
-    """fsync one file or folder; where a folder cannot be opened (some platforms), nothing is synced through it."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        descriptor = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def move_into_place(source: Path, target: Path) -> None:
     """Rename the folder `source` to `target`, replacing an older `target` (set aside first, deleted after);
     its contents are on disk before the rename is."""
@@ -109,7 +87,7 @@ def move_into_place(source: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(source, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 def replace_model_files(staging: Path, target: Path) -> None:
@@ -128,4 +106,4 @@ def replace_model_files(staging: Path, target: Path) -> None:
             shutil.rmtree(destination)
         os.replace(path, destination)
     staging.rmdir()
-    _fsync(target)
+    fsync_path(target)

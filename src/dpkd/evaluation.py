@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dpkd.data import BUNDLED_SETS, encode_prompt, load_instruction_data
+from dpkd.durable import write_atomically
 from dpkd.generation import (
     SamplingConfig,
     build_scoring_batch,
@@ -46,7 +47,7 @@ from dpkd.modeling import (
     load_tokenizer,
     missing_path_hint,
 )
-from dpkd.teacher_cache import model_fingerprint, write_atomically
+from dpkd.teacher_cache import model_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from dpkd.durable import write_atomically
 from dpkd.recipe import Recipe
 
 SETTINGS_FILE = "dpkd_settings.json"
@@ -154,8 +155,6 @@ def _step(name: str) -> int:
 
 def record_settings(recipe: Recipe) -> Path:
     """Write `dpkd_settings.json` (the method and `run_settings`) into output_dir, atomically."""
-    from dpkd.teacher_cache import write_atomically
-
     path = Path(recipe.config.output_dir) / SETTINGS_FILE
     record = {"method": recipe.config.method, "recipe": str(recipe.path), "settings": run_settings(recipe)}
     write_atomically(path, json.dumps(record, indent=2) + "\n")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dpkd.durable import write_atomically  # noqa: F401  (also imported from here by older code)
 from dpkd.generation import SamplingConfig, build_scoring_batch, left_pad, sample_completions, score_sequences
 
 logger = logging.getLogger(__name__)
@@ -260,16 +261,6 @@ class TeacherOutputCache:
 
 def _entry_line(key: str, entry: CachedTeacherOutput) -> str:
     return json.dumps({"key": key, "completion_ids": list(entry.completion_ids), "teacher_logp": entry.teacher_logp}) + "\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to `path` so that it either does not exist or is complete: temporary file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _current_rank() -> int:

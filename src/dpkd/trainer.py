@@ -46,6 +46,7 @@ from dpkd.checkpoints import (
 )
 from dpkd.config import METHODS, DistillationConfig
 from dpkd.data import prepare_training_dataset
+from dpkd.durable import write_atomically
 from dpkd.families import Step, Term, pretrain_term
 from dpkd.generation import (
     build_scoring_batch,
@@ -62,7 +63,7 @@ from dpkd.modeling import (
     prepare_teacher,
     run_in_wrapper,
 )
-from dpkd.teacher_cache import TeacherOutputCache, model_fingerprint, teacher_outputs, write_atomically
+from dpkd.teacher_cache import TeacherOutputCache, model_fingerprint, teacher_outputs
 
 logger = logging.getLogger(__name__)
 
