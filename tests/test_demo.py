@@ -31,6 +31,10 @@ from dpkd.study import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DPKD = [sys.executable, "-m", "dpkd"]
+STUDY_RECIPES = REPO_ROOT / "src" / "dpkd" / "configs" / "study"
+# The earlier protocol (every method from scratch, one run each): the recipe the machinery tests below run.
+SCRATCH_RECIPE = STUDY_RECIPES / "scratch-protocol.yaml"
+ABLATIONS_RECIPE = STUDY_RECIPES / "ablations.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -44,14 +48,40 @@ def _bundled_text() -> str:
     return (REPO_ROOT / "configs" / "demo.yaml").read_text()
 
 
+def _scratch_values() -> dict:
+    import yaml
+
+    return yaml.safe_load(SCRATCH_RECIPE.read_text())
+
+
 # --- the recipe ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("profile", [None, "quick", "big"])
-def test_bundled_recipe_is_valid_for_every_profile(profile):
-    recipe = load_demo_recipe(None, profile)
-    assert set(recipe.values["distill"]["methods"]) == set(METHODS)
+@pytest.mark.parametrize("path", [None, SCRATCH_RECIPE, ABLATIONS_RECIPE])
+def test_bundled_recipes_are_valid_for_every_profile(path, profile):
+    recipe = load_demo_recipe(path, profile)
+    assert "sft" in recipe.values["distill"]["methods"]
     assert len(recipe.values["eval"]["seeds"]) == 3
+
+
+@pytest.mark.parametrize("profile", [None, "big"])
+def test_the_bundled_data_sizes_can_be_drawn_without_repeating_a_prompt(profile):
+    from dpkd.tasks import generate_splits
+
+    data = load_demo_recipe(None, profile).values["data"]
+    sizes = {split: data[split] for split in ("train", "dev", "test")}
+    assert {split: len(rows) for split, rows in generate_splits(sizes, tasks=data["tasks"]).items()} == sizes
+
+
+def test_the_demo_follows_the_papers_protocol_with_compute_matched_controls():
+    v = load_demo_recipe(None).values
+    assert v["init"] == "sft" and v["training_seeds"] == [0, 1, 2] and v["select_on_dev"] is True
+    assert {"sft", "seqkd", "dpkd"} <= set(v["distill"]["methods"]) <= set(METHODS)
+    # Every method, the controls too, gets the same extra budget: none sets its own.
+    assert all("max_steps" not in (fields or {}) for fields in v["distill"]["methods"].values())
+    assert set(load_demo_recipe(SCRATCH_RECIPE).values["distill"]["methods"]) == set(METHODS)
+    assert "init" not in load_demo_recipe(SCRATCH_RECIPE).values
 
 
 def test_quick_profile_overlays_only_what_it_names():
@@ -93,6 +123,17 @@ def _bundled_values() -> dict:
     (lambda v: v.update(workers=0), r"workers must be 'auto' or a positive integer"),
     (lambda v: v["quick"].update(eval={"seed": [1]}), r"unknown key 'quick\.eval\.seed'"),
     (lambda v: v.pop("student"), r"missing section\(s\) student"),
+    (lambda v: v["distill"]["methods"].update(dpkd_b1={"beta": 1.0}), r"distill\.methods\.dpkd_b1: 'dpkd_b1' is not a "
+     r"method .*a variant names its method"),
+    (lambda v: v["distill"]["methods"].update(b1={"method": "dpk", "beta": 1.0}),
+     r"distill\.methods\.b1\.method: expected one of .* got 'dpk' \(did you mean 'dpkd'\?\)"),
+    (lambda v: v["distill"]["methods"].update(b1={"method": "dpkd", "init": "warm"}),
+     r"distill\.methods\.b1\.init: expected one of scratch, sft"),
+    (lambda v: v["distill"]["methods"].update(sft={"method": "kd"}), r"distill\.methods\.sft: .*control"),
+    (lambda v: v["distill"]["methods"].update(b1="dpkd"), r"distill\.methods\.b1 must be a mapping"),
+    (lambda v: v.update(select_on_dev="yes"), r"'select_on_dev' must be bool"),
+    (lambda v: v.update(dev_evaluations=0), r"dev_evaluations must be a positive integer"),
+    (lambda v: v.update(select_on_dev=False), r"dev_evaluations is read only with select_on_dev: true"),
 ])
 def test_bad_recipe_errors_name_the_file_and_the_key(tmp_path, edit, message):
     import yaml
@@ -120,7 +161,7 @@ def test_cli_reports_a_bad_recipe_before_any_work(tmp_path):
 
 
 def test_stage_keys_change_exactly_downstream_of_an_edited_setting():
-    base = load_demo_recipe(None).values
+    base = load_demo_recipe(SCRATCH_RECIPE).values
     keys = stage_keys(base, 160)
 
     def changed(edit) -> set[str]:
@@ -144,17 +185,24 @@ def test_stage_keys_change_exactly_downstream_of_an_edited_setting():
 
 
 def test_stage_keys_are_those_earlier_versions_wrote_so_their_runs_resume():
-    # Pinned from the bundled quick recipe; a change here makes every existing run redo those stages, so it
+    # Pinned from the scratch protocol's quick recipe; a change here makes every existing run redo those stages, so it
     # must come from an edited recipe, not from a refactoring of how keys are computed.
-    keys = stage_keys(load_demo_recipe(None, "quick").values, 160)
+    keys = stage_keys(load_demo_recipe(SCRATCH_RECIPE, "quick").values, 160)
     assert keys == {
-        "data": "bd9173a30a645daa", "tokenizer": "f8301776b2bc47e7", "teacher": "a708e464fc2b0741",
-        "student_init": "42c3c3124b2476de", "teacher_samples": "e7532a18e791a7fa",
-        "train_sft": "30a7fa5019ac210c", "train_dpkd_token": "9a7424aa94190771",
-        **{f"train_{m}": "d04edb862c775676" for m in ("kd", "seqkd", "rkl", "jsd", "dpkd")},
-        "eval_teacher": "e0bdaf6015925b8d", "eval_sft": "0cdc87d8adce85f4", "eval_dpkd_token": "e6f58e86ed9abe30",
-        **{f"eval_{m}": "d28d8db58f99bd56" for m in ("kd", "seqkd", "rkl", "jsd", "dpkd")},
+        "data": "5107bbff6d97d9da", "tokenizer": "a88d55dfb91e4968", "teacher": "6ff2fb92078b0025",
+        "student_init": "4d1d50c9f1ca1428", "teacher_samples": "59bc7889dd15fc8d",
+        "train_sft": "bc33f990b80c4bc6", "train_dpkd_token": "ae45748d79201dc9",
+        **{f"train_{m}": "3b66606727fccb59" for m in ("kd", "seqkd", "rkl", "jsd", "dpkd")},
+        "eval_teacher": "e0e8c0595aac0365", "eval_sft": "e0c235a552bf5a03", "eval_dpkd_token": "f822e83fb1d31c57",
+        **{f"eval_{m}": "a8544be3fb1de562" for m in ("kd", "seqkd", "rkl", "jsd", "dpkd")},
     }
+    # The recipe with its task list (added when the default tasks changed) taken out: the keys of the
+    # demo's quick recipe before that change, so the keys are computed as they were.
+    without_tasks = load_demo_recipe(SCRATCH_RECIPE, "quick").values
+    without_tasks["data"].pop("tasks")
+    old = stage_keys(without_tasks, 160)
+    assert (old["data"], old["teacher"], old["train_sft"], old["eval_dpkd"]) == (
+        "bd9173a30a645daa", "a708e464fc2b0741", "30a7fa5019ac210c", "d28d8db58f99bd56")
 
 
 @pytest.mark.parametrize("cores, workers, threads, expected", [
@@ -170,7 +218,7 @@ def test_workers_share_the_cores(monkeypatch, cores, workers, threads, expected)
 
 
 def test_every_stage_waits_for_what_it_reads():
-    recipe = load_demo_recipe(None)
+    recipe = load_demo_recipe(SCRATCH_RECIPE)
     stages = study_stages(recipe.values, training_configs(recipe, Path("unused")))
     position = {s.name: i for i, s in enumerate(stages)}
     assert len(position) == len(stages) == 5 + 1 + 2 * len(METHODS)
@@ -190,7 +238,7 @@ def test_every_stage_waits_for_what_it_reads():
 
 
 def test_a_failed_stage_stops_the_study_and_is_not_marked_done(tmp_path):
-    recipe = load_demo_recipe(None, "quick")
+    recipe = load_demo_recipe(SCRATCH_RECIPE, "quick")
     markers = StageMarkers(tmp_path)
     stages = [Stage("data", "k-data", "generating the tasks"),
               Stage("no_such_stage", "k-bad", "a stage that fails", needs=("data",)),
@@ -305,8 +353,8 @@ def test_a_killed_demo_leaves_no_process_behind(tmp_path, sig):
 
 # Timeouts are generous: on a shared 2-core machine a quick study has taken from 1 to 10 minutes.
 def _run_demo(out: Path, timeout: float, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*DPKD, "demo", "--quick", "--out", str(out), *options], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run([*DPKD, "demo", "--quick", "--out", str(out), "--config", str(SCRATCH_RECIPE), *options],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def _report_rows(report_md: str, section: str) -> list[str]:
@@ -327,7 +375,8 @@ def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_sta
 
     import psutil
 
-    interrupted, workers = _signal_when([*DPKD, "demo", "--quick", "--out", str(out)], out / "stages" / "teacher.done",
+    interrupted, workers = _signal_when([*DPKD, "demo", "--quick", "--out", str(out), "--config", str(SCRATCH_RECIPE)],
+                                        out / "stages" / "teacher.done",
                                         timeout=600, sig=signal.SIGINT)
     assert interrupted.returncode == 130, interrupted.stderr
     assert "interrupted" in interrupted.stderr
@@ -349,7 +398,7 @@ def test_quick_demo_runs_end_to_end_resumes_after_ctrl_c_and_reuses_finished_sta
     shutil.rmtree(alone / "teacher" / "eval", ignore_errors=True)
     import yaml
 
-    values = _bundled_values()
+    values = _scratch_values()
     reduced = ("sft", "kd", "seqkd", "dpkd")
     values["workers"] = 1
     values["distill"]["methods"] = {m: values["distill"]["methods"][m] for m in reduced}
@@ -421,7 +470,7 @@ def _finish_and_rerun(out: Path) -> None:
 
 # --- the paper's protocol: a warm start, training seeds, the paired table -----------------------------
 
-PAPER_RECIPE = REPO_ROOT / "src" / "dpkd" / "configs" / "study" / "paper-protocol.yaml"
+PAPER_RECIPE = REPO_ROOT / "src" / "dpkd" / "configs" / "demo.yaml"  # the demo follows the paper's protocol
 
 
 def test_paired_difference_is_the_mean_and_std_of_per_seed_differences():
@@ -448,17 +497,22 @@ def test_paired_table_pairs_each_method_with_the_control_of_the_same_seed():
     assert paired_table(one_seed).splitlines()[2:] == ["| dpkd | +2.0 | -1.0 | 1 |"]
 
 
+def test_sampling_spread_is_the_std_over_sampling_seeds_averaged_over_a_methods_runs():
+    from dpkd.study.build import sampling_spread_table
+
+    runs = [{"exact_match": {"std": 1.0}, "rougeL": {"std": 2.0}}, {"exact_match": {"std": 2.0}, "rougeL": {"std": 0.5}}]
+    assert sampling_spread_table({"dpkd": runs}).splitlines()[2:] == ["| dpkd | 1.5 | 1.2 |"]
+
+
 def test_paper_protocol_recipe_warm_starts_and_trains_each_method_per_seed():
     recipe = load_demo_recipe(PAPER_RECIPE)
     v = recipe.values
+    methods = list(v["distill"]["methods"])
     assert v["init"] == "sft" and v["training_seeds"] == [0, 1, 2]
     configs = training_configs(recipe, Path("out"))
-    assert configs["warm_start"].method == "sft" and configs["warm_start"].max_steps == 250
-    # The demo's sizes: its data, teacher and student stages are the demo's own.
-    demo_keys, keys = stage_keys(load_demo_recipe(None).values, 160), stage_keys(v, 160)
-    assert all(keys[name] == demo_keys[name] for name in ("data", "tokenizer", "teacher", "student_init"))
+    assert configs["warm_start"].method == "sft" and configs["warm_start"].max_steps == v["warm_start"]["max_steps"]
     stages = {s.name: s for s in study_stages(v, configs)}
-    for m in METHODS:
+    for m in methods:
         for seed in (0, 1, 2):
             assert configs[f"{m}_s{seed}"].seed == seed
             assert configs[f"{m}_s{seed}"].output_dir == str(Path("out") / "runs" / f"{m}_s{seed}")
@@ -470,8 +524,31 @@ def test_paper_protocol_recipe_warm_starts_and_trains_each_method_per_seed():
     assert [name for name in reseeded if name.startswith("sft_")] == ["sft_s7"] and reseeded["sft_s7"].seed == 7
 
 
+def test_ablation_variants_train_their_base_method_and_reuse_the_demos_stages():
+    recipe = load_demo_recipe(ABLATIONS_RECIPE)
+    v = recipe.values
+    configs = training_configs(recipe, Path("out"))
+    assert configs["dpkd_beta1_s0"].method == "dpkd" and configs["dpkd_beta1_s0"].beta == 1.0
+    assert configs["dpkd_eq8_s1"].length_normalize is False and configs["dpkd_s1"].length_normalize is True
+    assert configs["dpkd_ce_s2"].effective_kd_ratio == 0.5 and configs["dpkd_s2"].effective_kd_ratio == 1.0
+    assert configs["dpkd_k4_s0"].num_student_samples == 4
+    # From scratch with the warm start's and the extra budget together: compute-matched with SFT continued.
+    assert configs["dpkd_scratch_s0"].max_steps == configs["warm_start"].max_steps + configs["sft_s0"].max_steps
+    stages = {s.name: s for s in study_stages(v, configs)}
+    assert "student_init" in stages["train_dpkd_scratch_s0"].needs
+    assert "warm_start" not in stages["train_dpkd_scratch_s0"].needs
+    assert "warm_start" in stages["train_dpkd_k4_s0"].needs
+    assert "distilling with dpkd_k4 (dpkd) from the warm start" in stages["train_dpkd_k4_s0"].title
+    # Everything but the methods is the demo's: run in a copy of a finished demo, it trains only the variants.
+    demo, ablations = stage_keys(load_demo_recipe(None).values, 80), stage_keys(v, 80)
+    shared = set(demo) & set(ablations)
+    assert {"data", "teacher", "warm_start", "teacher_samples", "train_sft_s0", "train_dpkd_s2"} <= shared
+    assert all(demo[name] == ablations[name] for name in shared)
+
+
 def test_warm_start_and_training_seed_enter_the_keys_of_the_runs_only():
     base = load_demo_recipe(PAPER_RECIPE, "quick").values
+    methods = list(base["distill"]["methods"])
     keys = stage_keys(base, 160)
 
     def changed(edit) -> set[str]:
@@ -480,11 +557,16 @@ def test_warm_start_and_training_seed_enter_the_keys_of_the_runs_only():
         new = stage_keys(values, 160)
         return {name for name in keys if name not in new or new[name] != keys[name]}
 
-    runs = {f"train_{m}_s{s}" for m in METHODS for s in (0, 1, 2)}
-    evals = {f"eval_{m}_s{s}" for m in METHODS for s in (0, 1, 2)}
+    runs = {f"train_{m}_s0" for m in methods}
+    evals = {f"eval_{m}_s0" for m in methods}
     assert changed(lambda v: v["warm_start"].update(max_steps=9)) == {"warm_start", "eval_warm_start"} | runs | evals
-    assert changed(lambda v: v.update(training_seeds=[0, 1, 5])) == {
-        f"{stage}_{m}_s2" for stage in ("train", "eval") for m in METHODS}
+    assert changed(lambda v: v.update(training_seeds=[5])) == runs | evals
+    # Selection on dev changes what every run saves, and nothing else.
+    assert changed(lambda v: v.update(dev_evaluations=3)) == runs | evals
+    off = json.loads(json.dumps(base))
+    off.update(select_on_dev=False)
+    off.pop("dev_evaluations")
+    assert {name for name in keys if stage_keys(off, 160)[name] != keys[name]} == runs | evals
     # The same run from scratch has another key than from the warm start.
     scratch = json.loads(json.dumps(base))
     scratch.update(init="scratch")
@@ -503,7 +585,7 @@ def test_warm_start_and_training_seed_enter_the_keys_of_the_runs_only():
 def test_bad_protocol_settings_name_the_key(tmp_path, edit, message):
     import yaml
 
-    values = _bundled_values()
+    values = _scratch_values()
     edit(values)
     path = _write(tmp_path, yaml.safe_dump(values))
     with pytest.raises(DemoError, match=message):
@@ -572,3 +654,10 @@ def test_study_from_a_warm_start_with_training_seeds_pairs_each_method_with_sft(
     assert "| sft continued |" in summary_md and "| warm start |" in summary_md
     report = (out / "report" / "report.md").read_text()
     assert "SFT continued (sft_s0)" in report and "SFT warm start" in report
+    # select_on_dev: every run, the control too, kept its best-scored step on dev among those scored.
+    for run in runs:
+        selection = json.loads((out / "runs" / run / "dev_selection.json").read_text())
+        scores = [(e["rougeL"], -e["step"]) for e in selection["evaluated"]]
+        assert [e["step"] for e in selection["evaluated"]] == [2, 3]
+        assert selection["kept_step"] == -max(scores)[1]
+    assert "Checkpoints selected on dev (greedy decoding, ROUGE-L; scored after steps 2, 3" in summary_md

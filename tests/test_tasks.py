@@ -9,19 +9,41 @@ from collections import Counter
 
 import pytest
 
-from dpkd.tasks import ANIMAL_FACTS, FREE_FORM_TASKS, TASKS, VERBS, generate_splits, write_splits
+from dpkd.tasks import (
+    ANIMAL_FACTS,
+    FREE_FORM_TASKS,
+    LONG_ANSWER_TASKS,
+    SHORT_ANSWER_TASKS,
+    TASKS,
+    VERBS,
+    generate_splits,
+    write_splits,
+)
 
 SIZES = {"train": 900, "dev": 90, "test": 90}
 
 
+@pytest.fixture(scope="module", params=[SHORT_ANSWER_TASKS, LONG_ANSWER_TASKS], ids=["short", "long"])
+def task_set(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def splits():
-    return generate_splits(SIZES, seed=3)
+def splits(task_set):
+    return generate_splits(SIZES, seed=3, tasks=task_set)
 
 
-def test_same_seed_gives_identical_splits_and_other_seed_differs(splits):
-    assert generate_splits(SIZES, seed=3) == splits
-    assert generate_splits(SIZES, seed=4)["test"] != splits["test"]
+def test_same_seed_gives_identical_splits_and_other_seed_differs(splits, task_set):
+    assert generate_splits(SIZES, seed=3, tasks=task_set) == splits
+    assert generate_splits(SIZES, seed=4, tasks=task_set)["test"] != splits["test"]
+
+
+def test_the_default_tasks_are_the_short_answer_ones_with_answers_of_at_most_five_words():
+    default = generate_splits(SIZES, seed=3)
+    assert default == generate_splits(SIZES, seed=3, tasks=SHORT_ANSWER_TASKS)
+    assert set(SHORT_ANSWER_TASKS) | set(LONG_ANSWER_TASKS) == set(TASKS)
+    lengths = Counter(len(e.output.split()) for examples in default.values() for e in examples)
+    assert max(lengths) <= 5 and lengths[1] > sum(lengths.values()) / 2  # most answers are a single word
 
 
 def test_no_prompt_occurs_in_two_splits_or_twice_in_one(splits):
@@ -33,10 +55,10 @@ def test_no_prompt_occurs_in_two_splits_or_twice_in_one(splits):
     assert not set(keys["dev"]) & set(keys["test"])
 
 
-def test_every_split_holds_every_task_in_equal_shares(splits):
+def test_every_split_holds_every_task_in_equal_shares(splits, task_set):
     for examples in splits.values():
         counts = Counter(e.task for e in examples)
-        assert set(counts) == set(TASKS)
+        assert set(counts) == set(task_set)
         assert max(counts.values()) - min(counts.values()) <= 1
 
 
@@ -72,6 +94,24 @@ def _check_answer(e) -> None:
         else:
             period = len(dict.fromkeys(items))
             assert all(seen[i] == seen[i % period] for i in range(answer, len(seen)))
+    elif e.task == "color_of":
+        name = re.fullmatch(r"Which color does (\w+) like\?", e.instruction).group(1)
+        table = dict(pair.split(": ") for pair in e.input.split(", "))
+        assert e.output == table[name]
+    elif e.task == "larger":
+        a, b = (int(x) for x in items)
+        assert a != b and int(e.output) == max(a, b)
+    elif e.task == "count":
+        assert int(e.output) == len(items)
+    elif e.task == "next":
+        if items[0].isdigit():
+            numbers = [int(x) for x in items]
+            assert len({b - a for a, b in zip(numbers, numbers[1:])}) == 1
+            assert int(e.output) == 2 * numbers[-1] - numbers[-2]
+        else:
+            period = len(dict.fromkeys(items))
+            assert all(items[i] == items[i % period] for i in range(len(items)))
+            assert e.output == items[len(items) - period]
     else:
         raise AssertionError(f"no rule for task {e.task}")
 
@@ -99,8 +139,8 @@ def test_free_form_answers_vary_in_wording_but_state_the_fixed_facts():
     assert len({re.sub(r"\b[A-Z]\w+\b", "X", e.output) for e in pets}) > 20
 
 
-def test_written_jsonl_has_the_alpaca_fields_and_round_trips(tmp_path, splits):
-    paths = write_splits(tmp_path, SIZES, seed=3)
+def test_written_jsonl_has_the_alpaca_fields_and_round_trips(tmp_path, splits, task_set):
+    paths = write_splits(tmp_path, SIZES, seed=3, tasks=task_set)
     assert set(paths) == set(SIZES)
     for name, path in paths.items():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

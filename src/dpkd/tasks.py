@@ -1,8 +1,16 @@
 """A procedurally generated instruction data set for the bundled study (`dpkd demo`).
 
 Every example is drawn from a seeded `random.Random`, so the same seed gives the same data on any
-machine; nothing is downloaded. Most tasks have one correct answer of several tokens (exact match is
-meaningful); two free-form tasks have answers whose wording varies between draws (only ROUGE-L is).
+machine; nothing is downloaded. Two task sets:
+
+- `SHORT_ANSWER_TASKS` (the default, the bundled study's): one correct answer of 1 to 5 tokens each, from
+  a single retrieved or computed item (a colour from a table, the larger of two numbers, a word count, the
+  next item of a pattern) to a short list (add, sort, reverse). Short answers make exact match informative
+  for students of a few hundred thousand parameters: a sampled answer of one token is right far more
+  often than one of twenty, and the tasks span easy to hard, so the teacher stays ahead.
+- `LONG_ANSWER_TASKS` (the earlier protocol's): answers of up to ~35 tokens, two of them free-form (the
+  facts fixed, the wording drawn at random, so only ROUGE-L is meaningful there).
+
 The vocabulary is small on purpose: a tokenizer trained on the train split and models of a few hundred
 thousand parameters can learn it in minutes on a CPU.
 
@@ -135,22 +143,54 @@ def write_story(rng: random.Random) -> Example:
                    f"{name}, {friend}, {place}, {thing}", story, "story")
 
 
+def color_of(rng: random.Random) -> Example:
+    names = rng.sample(NAMES, rng.randint(2, 4))
+    colors = [rng.choice(COLORS) for _ in names]
+    asked = rng.randrange(len(names))
+    table = ", ".join(f"{n}: {c}" for n, c in zip(names, colors))
+    return Example(f"Which color does {names[asked]} like?", table, colors[asked], "color_of")
+
+
+def larger_number(rng: random.Random) -> Example:
+    a, b = rng.sample(range(30), 2)
+    return Example("Which number is larger?", f"{a} {b}", str(max(a, b)), "larger")
+
+
+def count_words(rng: random.Random) -> Example:
+    items = [rng.choice(WORDS) for _ in range(rng.randint(2, 7))]
+    return Example("How many words are there?", _words(items), str(len(items)), "count")
+
+
+def next_item(rng: random.Random) -> Example:
+    if rng.random() < 0.5:
+        start, step = rng.randint(0, 20), rng.randint(1, 5)
+        seq = [start + step * i for i in range(rng.randint(3, 5) + 1)]
+    else:
+        cycle = rng.sample(COLORS, rng.randint(2, 3))
+        seq = [cycle[i % len(cycle)] for i in range(rng.randint(4, 6) + 1)]
+    return Example("What comes next?", _words(seq[:-1]), str(seq[-1]), "next")
+
+
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "reverse": reverse_words, "sort": sort_numbers, "deduplicate": deduplicate_words, "add": add_to_each,
     "lookup": look_up, "past_tense": past_tense, "pattern": continue_pattern, "describe": describe_pet,
-    "story": write_story,
+    "story": write_story, "color_of": color_of, "larger": larger_number, "count": count_words, "next": next_item,
 }
 FREE_FORM_TASKS = frozenset({"describe", "story"})
+# The earlier protocol's tasks, in the order that protocol cycled through them (its data is unchanged).
+LONG_ANSWER_TASKS = ("reverse", "sort", "deduplicate", "add", "lookup", "past_tense", "pattern", "describe", "story")
+SHORT_ANSWER_TASKS = ("color_of", "larger", "count", "next", "add", "sort", "reverse")
 
 
 def generate_splits(sizes: dict[str, int], seed: int = 0,
                     tasks: Sequence[str] | None = None) -> dict[str, list[Example]]:
-    """Draw `sizes[split]` examples per split, cycling through `tasks` so every split holds the same mix.
+    """Draw `sizes[split]` examples per split, cycling through `tasks` (default: `SHORT_ANSWER_TASKS`) so
+    every split holds the same mix.
 
     Prompts are unique across all splits (a repeated draw is discarded), so no test prompt is seen in
     training. Splits are filled in the order given, from one stream seeded by `seed`.
     """
-    names = list(tasks) if tasks is not None else list(TASKS)
+    names = list(tasks) if tasks is not None else list(SHORT_ANSWER_TASKS)
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise ValueError(f"tasks: unknown {unknown or 'empty list'}; choose from {sorted(TASKS)}")

@@ -9,9 +9,11 @@ are complete (so Ctrl-C leaves a run that the next invocation resumes, redoing o
     teacher/                         a Llama-style model trained from scratch with method `sft`
     student_init/                    the student's random initialisation, shared by every method
     warm_start/                      with `init: sft`: the student trained with `sft` from student_init
-    runs/<method>[_s<seed>]/         DistillationTrainer, the same step budget for every method, from
+    runs/<entry>[_s<seed>]/          DistillationTrainer, the same step budget for every method, from
                                      student_init (`init: scratch`) or warm_start (`init: sft`); one run
-                                     per training seed with `training_seeds`
+                                     per training seed with `training_seeds`; an entry of distill.methods is
+                                     a method or a named variant of one (`method:`); with `select_on_dev`,
+                                     the step that scored best on dev is saved (dev_selection.json)
     <run>/eval/metrics.json          dpkd.evaluation.evaluate_model on the test split, several seeds
     report/report.md, *.png          dpkd.report.write_report; report/summary.md: the results table
                                      and the paired table (each method − sft, per training seed)

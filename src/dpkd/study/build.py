@@ -6,6 +6,7 @@ Plain functions of paths and settings, usable outside the study (`bench/demo_par
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -74,10 +75,22 @@ def build_initial_model(sizes: dict, tokenizer_dir: Path, folder: Path, seed: in
     return sum(p.numel() for p in model.parameters())
 
 
+@dataclass(frozen=True)
+class DevSelection:
+    """`select_on_dev`: score the run greedily on `dev_path` after each of `steps`, keep the best (ROUGE-L)."""
+
+    dev_path: Path
+    steps: tuple[int, ...]
+    max_new_tokens: int
+    batch_size: int
+
+
 def train(args, init_dir: Path, train_path: Path, save_to: Path, teacher_dir: Path | None = None,
-          progress=None) -> dict:
+          progress=None, select: DevSelection | None = None) -> dict:
     """Train `init_dir` with `args` (a DistillationConfig) and save the model to `save_to`; return the
-    last logged values. `progress`: a `TrainerCallback` that replaces the trainer's own progress bar."""
+    last logged values. `progress`: a `TrainerCallback` that replaces the trainer's own progress bar.
+    `select`: save the weights of the step that scored best on dev instead of the last ones (the scores
+    and the kept step in `save_to/dev_selection.json`)."""
     from dpkd.data import load_instruction_data
     from dpkd.modeling import load_causal_lm, load_tokenizer
     from dpkd.trainer import DistillationTrainer
@@ -87,6 +100,12 @@ def train(args, init_dir: Path, train_path: Path, save_to: Path, teacher_dir: Pa
     teacher = load_causal_lm(teacher_dir.resolve()) if teacher_dir is not None and args.spec.needs_teacher else None
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=load_instruction_data(str(train_path)), processing_class=tokenizer)
+    if select is not None:
+        from dpkd.selection import SELECTION_FILE, SelectOnDev, greedy_dev_scorer
+
+        scorer = greedy_dev_scorer(tokenizer, select.dev_path, max_new_tokens=select.max_new_tokens,
+                                   batch_size=select.batch_size)
+        trainer.add_callback(SelectOnDev(scorer, select.steps, Path(save_to) / SELECTION_FILE))
     if progress is not None:
         from transformers.trainer_callback import ProgressCallback
 
@@ -147,6 +166,16 @@ def results_table(rows: list[tuple[str, dict]]) -> str:
     for label, values in rows:
         em, rl = values["exact_match"], values["rougeL"]
         lines.append(f"| {label} | {em['mean']:.1f} ± {em['std']:.1f} | {rl['mean']:.1f} ± {rl['std']:.1f} |")
+    return "\n".join(lines)
+
+
+def sampling_spread_table(per_method: dict[str, list[dict]]) -> str:
+    """Markdown: for each method, the std over sampling seeds of its runs (`summary` of each), averaged over
+    its runs: how much one evaluation's sampling moves a result, beside the spread over training seeds."""
+    lines = ["| method | exact match | ROUGE-L |", "|---|---|---|"]
+    for method, summaries in per_method.items():
+        cells = [sum(s[metric]["std"] for s in summaries) / len(summaries) for metric in ("exact_match", "rougeL")]
+        lines.append(f"| {method} | {cells[0]:.1f} | {cells[1]:.1f} |")
     return "\n".join(lines)
 
 

@@ -24,6 +24,8 @@ _SCHEMA: dict[str, Any] = {
     "seed": int,
     "init": str,
     "training_seeds": list,
+    "select_on_dev": bool,
+    "dev_evaluations": int,
     "workers": (int, str),
     "threads": (int, str),
     "data": {"train": int, "dev": int, "test": int, "template": str, "tasks": list},
@@ -36,8 +38,15 @@ _SCHEMA: dict[str, Any] = {
     "quick": dict,
     "big": dict,
 }
-_OPTIONAL = ("workers", "threads", "init", "training_seeds", "warm_start")  # defaults: `auto`, scratch, none
+_OPTIONAL = ("workers", "threads", "init", "training_seeds", "warm_start", "select_on_dev",
+             "dev_evaluations")  # defaults: `auto`, scratch, none, off, 4
 INITS = ("scratch", "sft")
+DEV_EVALUATIONS = 4  # checkpoints scored on dev per run with select_on_dev, evenly spaced, the last one included
+# Keys of a `distill.methods` entry that the study reads itself; every other key is a DistillationConfig field.
+# `method`: the library method the entry trains with (default: the entry's name), so one method can appear
+# under several names with different settings (a variant: `dpkd_beta1: {method: dpkd, beta: 1.0}`);
+# `init`: the entry's own starting point (scratch or sft), for the warm-start ablation.
+_ENTRY_KEYS = ("method", "init")
 # Settings of every training run that the demo owns; a recipe cannot override them.
 _FIXED_TRAINING = {"output_dir", "method", "seed", "teacher_cache_dir", "save_strategy", "report_to"}
 
@@ -58,13 +67,34 @@ class DemoRecipe:
 
 
 def study_runs(values: dict) -> list[tuple[str, str, int | None]]:
-    """`(run, method, training seed)` for every training run of the study, by method then seed. Without
-    `training_seeds` one run per method, named after it, with the recipe's seed (seed None)."""
+    """`(run, entry, training seed)` for every training run of the study, by `distill.methods` entry then
+    seed. Without `training_seeds` one run per entry, named after it, with the recipe's seed (seed None)."""
     seeds = values.get("training_seeds")
     methods = values["distill"]["methods"]
     if seeds is None:
         return [(m, m, None) for m in methods]
     return [(f"{m}_s{seed}", m, seed) for m in methods for seed in seeds]
+
+
+def base_method(values: dict, entry: str) -> str:
+    """The library method that the `distill.methods` entry `entry` trains with: its `method:`, else its name."""
+    return (values["distill"]["methods"][entry] or {}).get("method", entry)
+
+
+def entry_init(values: dict, entry: str) -> str:
+    """Where the entry's runs start: its own `init:`, else the recipe's (`scratch` by default)."""
+    return (values["distill"]["methods"][entry] or {}).get("init", values.get("init", "scratch"))
+
+
+def needs_warm_start(values: dict) -> bool:
+    """Whether any run starts from the SFT warm start."""
+    return any(entry_init(values, entry) == "sft" for entry in values["distill"]["methods"])
+
+
+def dev_selection_steps(max_steps: int, evaluations: int) -> list[int]:
+    """The steps at which select_on_dev scores a run on dev: `evaluations` evenly spaced, the last step included."""
+    n = max(1, min(evaluations, max_steps))
+    return sorted({round(max_steps * (i + 1) / n) for i in range(n)})
 
 
 def parse_training_seeds(text: str) -> list[int]:
@@ -173,17 +203,25 @@ def _check_values(recipe: DemoRecipe, where: str) -> None:
         raise DemoError(f"{where}: teacher.processes must be a positive integer that divides "
                         f"teacher.training.per_device_train_batch_size ({batch}), got {processes}")
     methods = v["distill"].get("methods") or {}
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise DemoError(f"{where}: distill.methods: expected a mapping with keys among {', '.join(METHODS)}, "
-                        f"got {list(methods)}")
+    if not methods:
+        raise DemoError(f"{where}: distill.methods: expected a mapping of entries, each a method among "
+                        f"{', '.join(METHODS)} or a variant naming one with `method:`, got {methods!r}")
+    for entry, fields in methods.items():
+        _check_entry(entry, fields, where)
     init = v.get("init", "scratch")
     if init not in INITS:
         raise DemoError(f"{where}: init must be one of {', '.join(INITS)}, got {init!r}")
-    if init == "sft" and not (v.get("warm_start") or {}).get("max_steps", 0) > 0:
+    if needs_warm_start(v) and not (v.get("warm_start") or {}).get("max_steps", 0) > 0:
         raise DemoError(f"{where}: init: sft needs warm_start.max_steps, the warm start's budget in steps")
-    if init == "scratch" and "warm_start" in v:
+    if not needs_warm_start(v) and "warm_start" in v:
         raise DemoError(f"{where}: warm_start is read only with init: sft")
+    if "sft" in methods and base_method(v, "sft") != "sft":
+        raise DemoError(f"{where}: distill.methods.sft: the entry named sft is the control of the paired table, "
+                        f"so it must train with method sft, got method {base_method(v, 'sft')!r}")
+    if v.get("dev_evaluations", DEV_EVALUATIONS) < 1:
+        raise DemoError(f"{where}: dev_evaluations must be a positive integer, got {v['dev_evaluations']!r}")
+    if "dev_evaluations" in v and not v.get("select_on_dev", False):
+        raise DemoError(f"{where}: dev_evaluations is read only with select_on_dev: true")
     training_seeds = v.get("training_seeds")
     if training_seeds is not None and (not training_seeds or len(set(training_seeds)) != len(training_seeds)
                                        or not all(isinstance(s, int) and not isinstance(s, bool)
@@ -198,6 +236,24 @@ def _check_values(recipe: DemoRecipe, where: str) -> None:
             raise DemoError(f"{where}: eval.{key} must be a positive integer")
     # Building each config checks every training field and its range (DistillationConfig.__post_init__).
     training_configs(recipe, Path("unused"), where=where)
+
+
+def _check_entry(entry: str, fields, where: str) -> None:
+    """A `distill.methods` entry: a method's name, or any name with `method:` naming one; `init` valid."""
+    key = f"distill.methods.{entry}"
+    if fields is not None and not isinstance(fields, dict):
+        raise DemoError(f"{where}: {key} must be a mapping of DistillationConfig fields (or {{}}), got {fields!r}")
+    fields = fields or {}
+    method = fields.get("method", entry)
+    if method not in METHODS:
+        if "method" in fields:
+            raise DemoError(f"{where}: {key}.method: expected one of {', '.join(METHODS)}, got {method!r}"
+                            f"{did_you_mean(str(method), METHODS, n=1)}")
+        raise DemoError(f"{where}: {key}: {entry!r} is not a method ({', '.join(METHODS)})"
+                        f"{did_you_mean(entry, METHODS, n=1)}; a variant names its method, e.g. "
+                        f"{entry}: {{method: dpkd, beta: 1.0}}")
+    if "init" in fields and fields["init"] not in INITS:
+        raise DemoError(f"{where}: {key}.init: expected one of {', '.join(INITS)}, got {fields['init']!r}")
 
 
 def _training_fields(fields: dict, where: str, key: str) -> dict:
@@ -215,8 +271,8 @@ def _training_fields(fields: dict, where: str, key: str) -> dict:
 
 def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None) -> dict:
     """`{"teacher": DistillationConfig, run: DistillationConfig, ...}` for this recipe and output folder, one
-    per run of `study_runs` (with its training seed, if any), and `"warm_start"` with `init: sft`: method
-    `sft` on `distill.common` and the `warm_start` fields."""
+    per run of `study_runs` (with its training seed, if any; with its entry's `method`), and `"warm_start"`
+    when a run starts from it: method `sft` on `distill.common` and the `warm_start` fields."""
     from dpkd.config import DistillationConfig
 
     where = where or recipe.source
@@ -227,15 +283,16 @@ def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None)
                                                **_training_fields(v["teacher"].get("training") or {}, where,
                                                                   "teacher.training")})}
     common = _training_fields(v["distill"].get("common") or {}, where, "distill.common")
-    if v.get("init", "scratch") == "sft":
+    if needs_warm_start(v):
         fields["warm_start"] = ("warm_start", {
             **base, **common, **_training_fields(v.get("warm_start") or {}, where, "warm_start"),
             "method": "sft", "output_dir": str(out / "warm_start")})
     methods = v["distill"].get("methods") or {}
-    for run, method, seed in study_runs(v) if methods else []:
-        fields[run] = (f"distill.methods.{method}", {
-            **base, **common, **_training_fields(methods[method] or {}, where, f"distill.methods.{method}"),
-            "method": method, "output_dir": str(out / "runs" / run),
+    for run, entry, seed in study_runs(v) if methods else []:
+        own = {k: value for k, value in (methods[entry] or {}).items() if k not in _ENTRY_KEYS}
+        fields[run] = (f"distill.methods.{entry}", {
+            **base, **common, **_training_fields(own, where, f"distill.methods.{entry}"),
+            "method": base_method(v, entry), "output_dir": str(out / "runs" / run),
             "teacher_cache_dir": str(out / "teacher_cache"), **({"seed": seed} if seed is not None else {})})
     configs = {}
     for name, (key, kwargs) in fields.items():

@@ -99,8 +99,16 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
     progress bars to `bars` (None: not written); `command` names the command in the log.
     """
     from dpkd.report import write_report
-    from dpkd.study.build import Layout, over_training_seeds, paired_table, results_table, seed_means, summary
-    from dpkd.study.recipe import load_demo_recipe, study_runs, training_configs
+    from dpkd.study.build import (
+        Layout,
+        over_training_seeds,
+        paired_table,
+        results_table,
+        sampling_spread_table,
+        seed_means,
+        summary,
+    )
+    from dpkd.study.recipe import entry_init, load_demo_recipe, needs_warm_start, study_runs, training_configs
     from dpkd.study.stages import study_stages
     from dpkd.study.workers import resolve_parallelism
 
@@ -119,17 +127,18 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
 
     log.write(f"[{len(stages) + 1}/{len(stages) + 1}] writing the report ...\n")
     at = Layout(out)
-    warm_started = v.get("init", "scratch") == "sft"
+    warm_started = needs_warm_start(v)
+    control_warm = "sft" in v["distill"]["methods"] and entry_init(v, "sft") == "sft"
     runs = study_runs(v)
     names = ["teacher", *(["warm_start"] if warm_started else []), *(run for run, _, _ in runs)]
     # From a warm start, `sft` is the compute-matched control: the warm start trained for as many steps more.
     labels = {at.warm_start: "SFT warm start"} if warm_started else {}
-    labels.update({at.model(run): "SFT continued" for run, method, _ in runs if warm_started and method == "sft"})
+    labels.update({at.model(run): "SFT continued" for run, method, _ in runs if control_warm and method == "sft"})
     report = write_report([at.model(name) for name in names], out / "report", labels=labels)
     metrics = {name: json.loads((at.model(name) / "eval" / "metrics.json").read_text()) for name in names}
 
     def label(method: str) -> str:
-        return f"{method} continued" if warm_started and method == "sft" else method
+        return f"{method} continued" if control_warm and method == "sft" else method
 
     eval_seeds = f"sampling seeds {v['eval']['seeds']}"
     if "training_seeds" in v:
@@ -140,20 +149,49 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
         rows += [(label(m), over_training_seeds(per_seed)) for m, per_seed in per_method.items()]
         spread = (f"mean ± std over {eval_seeds} for {', '.join(names[:1 + warm_started])}; for each method, "
                   f"over training seeds {v['training_seeds']} of its mean over the {eval_seeds}")
+        within: dict[str, list[dict]] = {}
+        for run, method, _ in runs:
+            within.setdefault(label(method), []).append(summary(metrics[run]))
     else:
         per_method = {method: {v["seed"]: seed_means(metrics[run])} for run, method, _ in runs}
         rows = [(label(name) if name in v["distill"]["methods"] else name, summary(metrics[name])) for name in names]
         spread = f"mean ± std over {eval_seeds}"
     table = results_table(rows)
     text = f"Test split ({v['data']['test']} examples), {spread}:\n\n{table}\n"
+    if "training_seeds" in v:
+        text += (f"\nWithin one run, the std over the {eval_seeds} (mean over the training seeds):\n\n"
+                 f"{sampling_spread_table(within)}\n")
     if len(per_method) >= 2 and "sft" in per_method:
         paired = paired_table(per_method, control="sft")
         text += (f"\nPaired with the {label('sft')} control trained with the same training seed: (method − "
                  f"{label('sft')}) per training seed, mean ± std over training seeds:\n\n{paired}\n")
+    if v.get("select_on_dev", False):
+        text += f"\n{_selection_note(at, runs)}\n"
     (out / "report" / "summary.md").write_text(text)
     log.write(f"\n{text}\n")
     log.write(f"dpkd {command}: finished in {time.perf_counter() - started:.0f}s; report {report}\n")
     return report
+
+
+def _selection_note(at, runs: list[tuple[str, str, int | None]]) -> str:
+    """With select_on_dev: which step each run kept, from its `dev_selection.json`; the steps scored are
+    named once, and again for an entry with another budget."""
+    from collections import Counter
+
+    from dpkd.selection import SELECTION_FILE
+
+    kept: dict[str, list[str]] = {}
+    scored: dict[str, tuple[int, ...]] = {}
+    for run, entry, _ in runs:
+        record = json.loads((at.model(run) / SELECTION_FILE).read_text())
+        scored[entry] = tuple(e["step"] for e in record["evaluated"])
+        kept.setdefault(entry, []).append(str(record["kept_step"]))
+    usual = Counter(scored.values()).most_common(1)[0][0]
+    listed = "; ".join(f"{entry} {', '.join(steps)}"
+                       + ("" if scored[entry] == usual else f" (scored after {', '.join(map(str, scored[entry]))})")
+                       for entry, steps in kept.items())
+    return (f"Checkpoints selected on dev (greedy decoding, ROUGE-L; scored after steps {', '.join(map(str, usual))}; "
+            f"the step kept, per training seed): {listed}.")
 
 
 def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, profile: str | None = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dpkd.study.build import (
+    DevSelection,
     Layout,
     build_data,
     build_initial_model,
@@ -83,8 +84,26 @@ class Plan:
 
     @property
     def warm_started(self) -> bool:
-        """Whether every run starts from the SFT warm start (`init: sft`) rather than from `student_init`."""
-        return self.values.get("init", "scratch") == "sft"
+        """Whether any run starts from the SFT warm start (`init: sft`) rather than from `student_init`."""
+        from dpkd.study.recipe import needs_warm_start
+
+        return needs_warm_start(self.values)
+
+    def run_init(self, run: str) -> str:
+        """Where the run starts: `sft` (the warm start) or `scratch` (student_init)."""
+        from dpkd.study.recipe import entry_init
+
+        return entry_init(self.values, self.runs[run][0])
+
+    @property
+    def selection(self) -> dict | None:
+        """What select_on_dev does (it enters the runs' keys), or None when it is off."""
+        from dpkd.study.recipe import DEV_EVALUATIONS
+
+        if not self.values.get("select_on_dev", False):
+            return None
+        return {"select_on_dev": self.values.get("dev_evaluations", DEV_EVALUATIONS),
+                "max_new_tokens": self.values["eval"]["max_new_tokens"]}
 
     @property
     def cache_readers(self) -> list[str]:
@@ -173,10 +192,17 @@ def _warm_start(job: Job) -> None:
 
 
 def _train(job: Job) -> None:
-    at = job.at
-    start = at.warm_start if job.values.get("init", "scratch") == "sft" else at.student_init
-    train(job.configs[job.item], start, at.split["train"], fresh(at.model(job.item)),
-          teacher_dir=at.teacher, progress=job.context.progress_callback())
+    from dpkd.study.recipe import DEV_EVALUATIONS, dev_selection_steps, entry_init, study_runs
+
+    at, v, args = job.at, job.values, job.configs[job.item]
+    entry = next(entry for run, entry, _ in study_runs(v) if run == job.item)
+    start = at.warm_start if entry_init(v, entry) == "sft" else at.student_init
+    select = None
+    if v.get("select_on_dev", False):
+        steps = dev_selection_steps(args.max_steps, v.get("dev_evaluations", DEV_EVALUATIONS))
+        select = DevSelection(at.split["dev"], tuple(steps), v["eval"]["max_new_tokens"], v["eval"]["batch_size"])
+    train(args, start, at.split["train"], fresh(at.model(job.item)), teacher_dir=at.teacher,
+          progress=job.context.progress_callback(), select=select)
 
 
 def _eval(job: Job) -> None:
@@ -214,31 +240,37 @@ class StageKind:
 
 def _train_needs(plan: Plan, run: str) -> tuple[str, ...]:
     spec = plan.specs[plan.runs[run][0]]
-    return ((("warm_start",) if plan.warm_started else ("student_init",)) + (("teacher",) if spec.needs_teacher else ())
+    start = ("warm_start",) if plan.run_init(run) == "sft" else ("student_init",)
+    return (start + (("teacher",) if spec.needs_teacher else ())
             + (("teacher_samples",) if spec.family.reads_teacher_cache else ()))
 
 
 def _train_inputs(plan: Plan, run: str) -> list:
-    """What a run's key hashes. The warm start and the training seed enter only when the recipe sets them,
-    so the keys of a recipe without them are those that earlier versions wrote."""
+    """What a run's key hashes. The warm start, the training seed and select_on_dev enter only when the
+    recipe sets them, so the keys of a recipe without them are those that earlier versions wrote."""
     method, seed = plan.runs[run]
     inputs = [plan.keys["student_init"], plan.keys["teacher"] if plan.specs[method].needs_teacher else None,
               plan.values["distill"]["common"], plan.values["distill"]["methods"][method]]
-    if plan.warm_started:
+    if plan.run_init(run) == "sft":
         inputs.append({"warm_start": plan.keys["warm_start"]})
     if seed is not None:
         inputs.append({"training_seed": seed})
+    if plan.selection is not None:
+        inputs.append(plan.selection)
     return inputs
 
 
 def _train_title(plan: Plan, run: str) -> str:
-    method, seed = plan.runs[run]
-    if plan.warm_started:
-        what = "continuing sft" if method == "sft" else f"distilling with {method}"
+    entry, seed = plan.runs[run]
+    method = plan.configs[run].method
+    name = method if entry == method else f"{entry} ({method})"
+    if plan.run_init(run) == "sft":
+        what = "continuing sft" if entry == "sft" else f"distilling with {name}"
         what += " from the warm start"
     else:
-        what = f"distilling with {method}"
-    return f"{what} ({plan.steps(run)} steps{'' if seed is None else f', training seed {seed}'})"
+        what = f"distilling with {name}"
+    chosen = ", the best of them on dev kept" if plan.selection is not None else ""
+    return f"{what} ({plan.steps(run)} steps{'' if seed is None else f', training seed {seed}'}{chosen})"
 
 
 def _trained(model: str) -> str:
@@ -295,8 +327,10 @@ def _plan(values: dict, specs: dict, max_positions: int, configs: dict | None = 
 def stage_keys(values: dict, max_positions: int) -> dict[str, str]:
     """Each stage's key: a hash of its own settings and of the keys of the stages it reads from."""
     from dpkd.config import METHODS as SPECS
+    from dpkd.study.recipe import base_method
 
-    return _plan(values, {m: SPECS[m] for m in values["distill"]["methods"]}, max_positions).keys
+    specs = {entry: SPECS[base_method(values, entry)] for entry in values["distill"]["methods"]}
+    return _plan(values, specs, max_positions).keys
 
 
 def _max_positions(configs: dict) -> int:
