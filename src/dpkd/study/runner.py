@@ -100,13 +100,15 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
     """
     from dpkd.report import write_report
     from dpkd.study.build import Layout, over_training_seeds, paired_table, results_table, seed_means, summary
-    from dpkd.study.recipe import load_demo_recipe, study_runs, training_configs
+    from dpkd.study.pretrained import is_pretrained
+    from dpkd.study.recipe import check_device, load_demo_recipe, study_runs, training_configs
     from dpkd.study.stages import study_stages
     from dpkd.study.workers import resolve_parallelism
 
     log = log if log is not None else io.StringIO()
     started = time.perf_counter()
     recipe_obj = load_demo_recipe(recipe, profile, seeds)  # every setting is checked before any work starts
+    check_device(recipe_obj)
     out = Path(out if out is not None else Path("runs") / (Path(recipe).stem if recipe else "demo")).resolve()
     v = recipe_obj.values
     workers, threads = resolve_parallelism(v.get("workers", "auto"), v.get("threads", "auto"))
@@ -131,6 +133,12 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
     def label(method: str) -> str:
         return f"{method} continued" if warm_started and method == "sft" else method
 
+    if is_pretrained(v):  # several test sets: a column group per set
+        from dpkd.study import pretrained
+
+        seed_means, summary = pretrained.set_means, pretrained.set_summaries
+        results_table, paired_table = pretrained.sets_tables(list(v["eval"]["sets"]))
+
     eval_seeds = f"sampling seeds {v['eval']['seeds']}"
     if "training_seeds" in v:
         per_method: dict[str, dict[int, dict]] = {}
@@ -139,13 +147,17 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
         rows = [(name.replace("_", " "), summary(metrics[name])) for name in names[:1 + warm_started]]
         rows += [(label(m), over_training_seeds(per_seed)) for m, per_seed in per_method.items()]
         spread = (f"mean ± std over {eval_seeds} for {', '.join(names[:1 + warm_started])}; for each method, "
-                  f"over training seeds {v['training_seeds']} of its mean over the {eval_seeds}")
+                  f"over training seeds {v['training_seeds']}{_other_seeds(v)} of its mean over the {eval_seeds}")
     else:
         per_method = {method: {v["seed"]: seed_means(metrics[run])} for run, method, _ in runs}
         rows = [(label(name) if name in v["distill"]["methods"] else name, summary(metrics[name])) for name in names]
         spread = f"mean ± std over {eval_seeds}"
     table = results_table(rows)
-    text = f"Test split ({v['data']['test']} examples), {spread}:\n\n{table}\n"
+    if is_pretrained(v):
+        sizes = ", ".join(f"{name} {result['n_examples']}" for name, result in metrics["teacher"]["sets"].items())
+        text = f"Evaluation sets (examples: {sizes}), {spread}:\n\n{table}\n"
+    else:
+        text = f"Test split ({v['data']['test']} examples), {spread}:\n\n{table}\n"
     if len(per_method) >= 2 and "sft" in per_method:
         paired = paired_table(per_method, control="sft")
         text += (f"\nPaired with the {label('sft')} control trained with the same training seed: (method − "
@@ -154,6 +166,11 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
     log.write(f"\n{text}\n")
     log.write(f"dpkd {command}: finished in {time.perf_counter() - started:.0f}s; report {report}\n")
     return report
+
+
+def _other_seeds(values: dict) -> str:
+    by_method = values.get("seeds_by_method") or {}
+    return f" ({'; '.join(f'{m}: {seeds}' for m, seeds in by_method.items())})" if by_method else ""
 
 
 def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, profile: str | None = None,
