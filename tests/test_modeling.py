@@ -124,6 +124,53 @@ def test_student_from_teacher_rejects_bad_layer_choices(tokenizer):
     assert student_from_teacher(teacher, layers=[2]).config.num_hidden_layers == 1
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_student_keeping_every_teacher_block_gives_the_teachers_exact_logits(tokenizer, arch):
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), n_layer=4)).eval()
+    student = student_from_teacher(teacher, keep_layers=4)
+    assert student is not teacher and student.config.num_hidden_layers == 4
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=0)
+    # A copy, not shared weights: training the student leaves the teacher as it was.
+    assert all(s.data_ptr() != t.data_ptr() for s, t in zip(student.parameters(), teacher.parameters()))
+
+
+def test_student_keeping_fewer_blocks_is_a_valid_smaller_model_of_evenly_spaced_blocks(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), n_layer=7))
+    student = student_from_teacher(teacher, keep_layers=3)  # blocks 0, 3, 6
+    for new, old in enumerate([0, 3, 6]):
+        for p_student, p_teacher in zip(student.model.layers[new].parameters(), teacher.model.layers[old].parameters()):
+            assert torch.equal(p_student, p_teacher)
+    student.save_pretrained(tmp_path / "student")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert reloaded.config.num_hidden_layers == 3
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in teacher.parameters())
+    out = reloaded(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    with pytest.raises(ValueError, match="keep_layers must be between 1 and the teacher's 7"):
+        student_from_teacher(teacher, keep_layers=8)
+    with pytest.raises(ValueError, match="not both"):
+        student_from_teacher(teacher, layers=[0], keep_layers=1)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 7, 30])
+def test_evenly_spaced_layers_start_at_the_first_block_end_at_the_last_and_never_repeat(n_layers):
+    from dpkd.modeling import evenly_spaced_layers
+
+    for keep in range(1, n_layers + 1):
+        layers = evenly_spaced_layers(n_layers, keep)
+        assert len(layers) == keep and layers == sorted(set(layers)) and layers[0] == 0
+        if keep > 1:
+            assert layers[-1] == n_layers - 1
+            gaps = [b - a for a, b in zip(layers, layers[1:])]
+            assert max(gaps) - min(gaps) <= 1
+    assert evenly_spaced_layers(n_layers, n_layers) == list(range(n_layers))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lora_trains_only_the_adapters_and_merges_back(model_pairs, tmp_path, arch):
     model = apply_lora(AutoModelForCausalLM.from_pretrained(model_pairs[arch][1]), r=4, alpha=8, dropout=0.0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

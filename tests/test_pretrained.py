@@ -39,11 +39,36 @@ def test_a_local_path_is_never_taken_for_a_name(tmp_path, monkeypatch):
     assert not pretrained.is_model_name(NAME)
 
 
+def test_a_conversion_that_kept_the_gguf_quantization_config_is_repaired_so_it_can_be_fine_tuned(
+        tmp_path, monkeypatch, tokenizer_dir):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dpkd.modeling import save_model_and_tokenizer
+
+    monkeypatch.setenv(pretrained.MODELS_DIR_ENV, str(tmp_path))
+    folder = tmp_path / NAME
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    save_model_and_tokenizer(model, load_tokenizer(tokenizer_dir), folder)
+    config = json.loads((folder / "config.json").read_text())
+    # As an earlier dpkd saved it: the GGUF loader's entry, over weights that are plain float32.
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "dpkd_source.json").write_text("{}")
+    assert pretrained.fetch(NAME, install=False) == folder
+    repaired = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in repaired
+    assert {k: v for k, v in config.items() if k != "quantization_config"} == repaired
+    reloaded = load_causal_lm(folder)
+    assert not getattr(reloaded, "is_quantized", False) and getattr(reloaded, "hf_quantizer", None) is None
+
+
 @pytest.mark.slow
 def test_converted_model_gives_the_gguf_models_logits(converted):
     gguf_model, folder = converted
     assert json.loads((folder / "dpkd_source.json").read_text())["gguf_file"].endswith(".gguf")
     assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())  # fine-tunable
     model = load_causal_lm(folder)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2, 30, 17, 9402]])
     with torch.no_grad():

@@ -264,13 +264,14 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     size.add_argument("--big", action="store_true", help="the recipe's `big` overlay: a bigger, slower run")
     p.add_argument("--seeds", default=None,
                    help="comma-separated training seeds, each method trained once per seed (replaces the "
-                        "recipe's training_seeds)")
+                        "recipe's training_seeds and seeds_by_method)")
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="run a whole comparison (data, teacher, student, every method, report) "
                                      "from a study recipe of `dpkd demo`'s schema")
-    p.add_argument("recipe", help="study recipe (YAML), e.g. a copy of the bundled configs/demo.yaml")
+    p.add_argument("recipe", help="study recipe (YAML), e.g. a copy of the bundled configs/demo.yaml, or "
+                                  "configs/study/smollm2-cpu.yaml (a pretrained teacher: SmolLM2 on Dolly)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
     _add_study_options(p)
 

@@ -293,19 +293,35 @@ def _block_list(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
     return candidates[0]
 
 
+def evenly_spaced_layers(n_layers: int, keep: int) -> list[int]:
+    """`keep` block indices out of `n_layers`, evenly spaced from the first block to the last:
+    round(i·(n_layers − 1)/(keep − 1)) for i = 0 … keep − 1 (just block 0 for keep = 1)."""
+    if not 1 <= keep <= n_layers:
+        raise ValueError(f"keep_layers must be between 1 and the teacher's {n_layers} layers, got {keep}")
+    if keep == 1:
+        return [0]
+    return [round(i * (n_layers - 1) / (keep - 1)) for i in range(keep)]
+
+
 def student_from_teacher(
-    teacher: PreTrainedModel, keep_every: int = 2, *, layers: Sequence[int] | None = None
+    teacher: PreTrainedModel, keep_every: int = 2, *, layers: Sequence[int] | None = None,
+    keep_layers: int | None = None,
 ) -> PreTrainedModel:
     """A smaller student built from a teacher's own weights: blocks 0, k, 2k, ... (k = `keep_every`).
 
     How same-tokenizer students are usually initialised (DistilBERT kept every other layer): the
     student starts from the teacher's embeddings, final norm, LM head and the kept blocks, copied, with
     the same architecture and `num_hidden_layers` set to the number kept (per-layer config lists such as
-    `layer_types` are subset to match). `layers` chooses the blocks explicitly instead. Works for any
+    `layer_types` are subset to match). `layers` chooses the blocks explicitly instead, `keep_layers` a
+    number of blocks evenly spaced from the first to the last (`evenly_spaced_layers`). Works for any
     decoder whose blocks sit in one `ModuleList` (Llama, GPT-2, OPT, Mistral, Qwen2, ...); the result
     saves with `save_pretrained` and reloads with `AutoModelForCausalLM.from_pretrained`.
     """
     n_layers = teacher.config.num_hidden_layers
+    if layers is not None and keep_layers is not None:
+        raise ValueError("student_from_teacher: pass layers or keep_layers, not both")
+    if keep_layers is not None:
+        layers = evenly_spaced_layers(n_layers, keep_layers)
     if layers is None:
         if keep_every < 1:
             raise ValueError(f"keep_every must be >= 1, got {keep_every}")

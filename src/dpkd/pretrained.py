@@ -121,8 +121,22 @@ def fetch(name: str, *, install: bool = True) -> Path:
     """The folder of the converted model `name` (safetensors, float32, with its tokenizer), made once."""
     target = models_dir() / name
     if (target / _COMPLETE).is_file():
+        drop_quantization_config(target)  # a conversion by an earlier dpkd kept it
         return target
     return save_converted(name, *load_gguf(name, install=install))
+
+
+def drop_quantization_config(folder: Path) -> None:
+    """Remove the `quantization_config` that a GGUF-loaded model's config carries from `folder/config.json`.
+
+    The saved weights are plain float32, but with that entry `from_pretrained` marks the model quantized, and
+    transformers' Trainer then refuses to fine-tune it ("purely quantized models")."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        staged = path.with_name(".config.json.tmp")
+        staged.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        staged.replace(path)
 
 
 def save_converted(name: str, model, tokenizer) -> Path:
@@ -137,6 +151,7 @@ def save_converted(name: str, model, tokenizer) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         fresh.save_pretrained(staging, safe_serialization=True)
+        drop_quantization_config(staging)
         tokenizer.save_pretrained(staging)
         record = {"name": name, "package": source.package, "gguf_file": source.gguf_file,
                   "license": source.license, "description": source.description, "dtype": "float32"}

@@ -18,10 +18,16 @@ are complete (so Ctrl-C leaves a run that the next invocation resumes, redoing o
     report/report.md, *.png          dpkd.report.write_report; report/summary.md: the results table
                                      and the paired table (each method − sft, per training seed)
 
+With `teacher.model` (a registered name such as `smollm2-135m-instruct`, or a saved folder) the same stages
+run on a real pretrained teacher instead: the data is a bundled set split into train and dev, the tokenizer
+is the teacher's, the teacher is fine-tuned with `sft` first, the student is made of some of its blocks, and
+every run is evaluated on several bundled sets (`dpkd.study.pretrained`; configs/study/smollm2-*.yaml).
+
 The modules: `recipe` (the YAML recipe, checked before any work), `stages` (the table of stages: what
 each needs, what its key hashes, what runs it), `build` (what the stages make), `workers` (the worker
-processes and the teacher's data-parallel ranks), `progress` (the parent's board) and `runner`
-(`run_stages`, `run_study`, `run_demo`). Importing any of them loads neither torch nor transformers.
+processes and the teacher's data-parallel ranks), `progress` (the parent's board), `runner`
+(`run_stages`, `run_study`, `run_demo`) and `pretrained` (the keys, stages and tables of a study of a
+pretrained teacher). Importing any of them loads neither torch nor transformers.
 """
 
 from dpkd.study.build import paired_differences

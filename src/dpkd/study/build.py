@@ -130,12 +130,14 @@ def fill_teacher_samples(args, teacher_dir: Path, train_path: Path, batch_size: 
     """Sample the teacher's responses to every training prompt into the cache that `args` (the config of a
     method that reads the teacher-output cache) reads, in large batches: much faster on a CPU than the
     trainer's per-step batches."""
+    import torch
+
     from dpkd.data import load_instruction_data, tokenize_dataset
     from dpkd.modeling import load_causal_lm, load_tokenizer
     from dpkd.teacher_cache import TeacherOutputCache, fill_teacher_cache, model_fingerprint
 
     tokenizer = load_tokenizer(teacher_dir)
-    teacher = load_causal_lm(teacher_dir).eval()
+    teacher = load_causal_lm(teacher_dir, device="cuda" if torch.cuda.is_available() else None).eval()
     rows = load_instruction_data(str(train_path), template=args.template)
     tokenized, _ = tokenize_dataset(rows, tokenizer, max_prompt_length=args.max_prompt_length,
                                     max_length=args.max_length, prompt_truncation=args.prompt_truncation)
@@ -211,15 +213,17 @@ def paired_differences(method: dict[int, float], control: dict[int, float]) -> d
 def paired_table(per_method: dict[str, dict[int, dict[str, float]]], control: str = "sft") -> str:
     """Markdown: for each method but `control`, (method − control) per training seed on exact match and
     ROUGE-L, as mean ± std over training seeds (the difference alone for one seed). `per_method`: method →
-    training seed → metric → value."""
+    training seed → metric → value. A method trained with fewer seeds than the control (`seeds_by_method`)
+    is paired on the seeds both have."""
     lines = [f"| method − {control} | exact match | ROUGE-L | training seeds |", "|---|---|---|---|"]
     for method, per_seed in per_method.items():
         if method == control:
             continue
+        shared = sorted(set(per_seed) & set(per_method[control]))
         cells = []
         for metric in ("exact_match", "rougeL"):
-            d = paired_differences({s: v[metric] for s, v in per_seed.items()},
-                                   {s: v[metric] for s, v in per_method[control].items()})
+            d = paired_differences({s: per_seed[s][metric] for s in shared},
+                                   {s: per_method[control][s][metric] for s in shared})
             cells.append(f"{d['mean']:+.1f}" + (f" ± {d['std']:.1f}" if d["n"] > 1 else ""))  # one seed: no spread
-        lines.append(f"| {method} | {' | '.join(cells)} | {len(per_seed)} |")
+        lines.append(f"| {method} | {' | '.join(cells)} | {len(shared)} |")
     return "\n".join(lines)

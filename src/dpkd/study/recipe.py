@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpkd.study.pretrained import SCHEMA_ADDITIONS, is_pretrained
 from dpkd.suggest import did_you_mean
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -26,6 +27,8 @@ _SCHEMA: dict[str, Any] = {
     "training_seeds": list,
     "select_on_dev": bool,
     "dev_evaluations": int,
+    "seeds_by_method": dict,
+    "bf16": bool,
     "workers": (int, str),
     "threads": (int, str),
     "data": {"train": int, "dev": int, "test": int, "template": str, "tasks": list},
@@ -38,8 +41,13 @@ _SCHEMA: dict[str, Any] = {
     "quick": dict,
     "big": dict,
 }
-_OPTIONAL = ("workers", "threads", "init", "training_seeds", "warm_start", "select_on_dev",
-             "dev_evaluations")  # defaults: `auto`, scratch, none, off, 4
+# A pretrained teacher (`teacher.model`) adds keys to some sections: see dpkd.study.pretrained.
+for _section, _keys in SCHEMA_ADDITIONS.items():
+    _SCHEMA[_section] = {**_SCHEMA[_section], **_keys}
+# Defaults: workers and threads `auto`, init scratch, one run per method, no warm start, no selection on
+# dev (4 scorings when on), float32.
+_OPTIONAL = ("workers", "threads", "init", "training_seeds", "seeds_by_method", "warm_start", "select_on_dev",
+             "dev_evaluations", "bf16")
 INITS = ("scratch", "sft")
 DEV_EVALUATIONS = 4  # checkpoints scored on dev per run with select_on_dev, evenly spaced, the last one included
 # Keys of a `distill.methods` entry that the study reads itself; every other key is a DistillationConfig field.
@@ -68,12 +76,15 @@ class DemoRecipe:
 
 def study_runs(values: dict) -> list[tuple[str, str, int | None]]:
     """`(run, entry, training seed)` for every training run of the study, by `distill.methods` entry then
-    seed. Without `training_seeds` one run per entry, named after it, with the recipe's seed (seed None)."""
+    seed. Without `training_seeds` one run per entry, named after it, with the recipe's seed (seed None).
+    `seeds_by_method` gives some entries other training seeds than `training_seeds` (fewer, where a budget
+    allows the control and the method of interest several seeds but not every baseline)."""
     seeds = values.get("training_seeds")
     methods = values["distill"]["methods"]
     if seeds is None:
         return [(m, m, None) for m in methods]
-    return [(f"{m}_s{seed}", m, seed) for m in methods for seed in seeds]
+    by_method = values.get("seeds_by_method") or {}
+    return [(f"{m}_s{seed}", m, seed) for m in methods for seed in by_method.get(m, seeds)]
 
 
 def base_method(values: dict, entry: str) -> str:
@@ -163,11 +174,13 @@ def load_demo_recipe(path: str | Path | None = None, profile: str | None = None,
         if profile not in raw:
             raise DemoError(f"{path}: has no {profile!r} section, so --{profile} has nothing to apply")
     values = _merge({k: v for k, v in raw.items() if k not in PROFILES}, raw.get(profile, {}) if profile else {})
-    missing = [k for k in _SCHEMA if k not in (*PROFILES, *_OPTIONAL) and k not in values]
+    optional = (*_OPTIONAL, "tokenizer") if is_pretrained(values) else _OPTIONAL  # it brings its own
+    missing = [k for k in _SCHEMA if k not in (*PROFILES, *optional) and k not in values]
     if missing:
         raise DemoError(f"{path}: missing section(s) {', '.join(missing)} (see the bundled {DEFAULT_CONFIG.name})")
     if seeds is not None:
         values["training_seeds"] = list(seeds)
+        values.pop("seeds_by_method", None)  # --seeds gives every method these seeds
     recipe = DemoRecipe(source=f"{path}" + (f" --{profile}" if profile else "")
                         + (f" --seeds {','.join(map(str, seeds))}" if seeds is not None else ""), values=values)
     _check_values(recipe, str(path))
@@ -175,28 +188,47 @@ def load_demo_recipe(path: str | Path | None = None, profile: str | None = None,
 
 
 def _check_values(recipe: DemoRecipe, where: str) -> None:
+    v = recipe.values
+    if is_pretrained(v):
+        from dpkd.study.pretrained import check_values
+
+        check_values(v, where, DemoError)
+    else:
+        _check_generated(v, where)
+    _check_common(recipe, where)
+
+
+def _check_generated(v: dict, where: str) -> None:
+    """The keys of a study on the generated tasks, with a teacher and student trained from scratch."""
     from dpkd.tasks import TASKS
 
-    v = recipe.values
     for split in ("train", "dev", "test"):
         if v["data"].get(split, 0) < 1:
             raise DemoError(f"{where}: data.{split} must be a positive number of examples")
+    for section, key in (("data", "source"), ("student", "from_teacher"), ("eval", "sets"), ("eval", "dtype")):
+        if key in v[section]:
+            raise DemoError(f"{where}: {section}.{key} is read only with a pretrained teacher (teacher.model)")
     unknown = [t for t in v["data"].get("tasks", []) if t not in TASKS]
     if unknown:
         raise DemoError(f"{where}: data.tasks: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     template = v["data"].get("template")
     if template is not None and ("{instruction}" not in template or "{input}" not in template):
         raise DemoError(f"{where}: data.template must contain {{instruction}} and {{input}}")
-    for key in ("workers", "threads"):
-        setting = v.get(key, "auto")
-        if not (setting == "auto" or (isinstance(setting, int) and setting >= 1)):
-            raise DemoError(f"{where}: {key} must be 'auto' or a positive integer, got {setting!r}")
     for model in ("teacher", "student"):
         for key in ("d_model", "n_layer", "n_head"):
             if v[model].get(key, 0) < 1:
                 raise DemoError(f"{where}: {model}.{key} must be a positive integer")
         if v[model]["d_model"] % v[model]["n_head"]:
             raise DemoError(f"{where}: {model}.d_model must be divisible by {model}.n_head")
+
+
+def _check_common(recipe: DemoRecipe, where: str) -> None:
+    """The keys every study has: parallelism, the methods and their training, seeds, evaluation."""
+    v = recipe.values
+    for key in ("workers", "threads"):
+        setting = v.get(key, "auto")
+        if not (setting == "auto" or (isinstance(setting, int) and setting >= 1)):
+            raise DemoError(f"{where}: {key} must be 'auto' or a positive integer, got {setting!r}")
     processes = v["teacher"].get("processes", 1)
     batch = (v["teacher"].get("training") or {}).get("per_device_train_batch_size", 8)
     if processes < 1 or batch % processes:
@@ -228,6 +260,20 @@ def _check_values(recipe: DemoRecipe, where: str) -> None:
                                                   for s in training_seeds)):
         raise DemoError(f"{where}: training_seeds must be a non-empty list of distinct integers, "
                         f"got {training_seeds!r}")
+    for method, method_seeds in (v.get("seeds_by_method") or {}).items():
+        if training_seeds is None:
+            raise DemoError(f"{where}: seeds_by_method is read only with training_seeds")
+        if method not in methods:
+            raise DemoError(f"{where}: seeds_by_method.{method}: not a method of distill.methods "
+                            f"({', '.join(methods)})")
+        if (not isinstance(method_seeds, list) or not method_seeds or len(set(method_seeds)) != len(method_seeds)
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in method_seeds)):
+            raise DemoError(f"{where}: seeds_by_method.{method} must be a non-empty list of distinct integers, "
+                            f"got {method_seeds!r}")
+        control = (v.get("seeds_by_method") or {}).get("sft", training_seeds)
+        if "sft" in methods and method != "sft" and not set(method_seeds) <= set(control):
+            raise DemoError(f"{where}: seeds_by_method.{method}: {method_seeds} are not all seeds the sft control "
+                            f"is trained with ({control}); each run is paired with the control of its seed")
     seeds = v["eval"].get("seeds") or []
     if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise DemoError(f"{where}: eval.seeds must be a list of distinct integers, got {seeds!r}")
@@ -269,6 +315,26 @@ def _training_fields(fields: dict, where: str, key: str) -> dict:
     return dict(fields)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_device(recipe: DemoRecipe) -> None:
+    """Refuse, before any work, a recipe that needs a GPU (`bf16: true`) on a machine without one. (The
+    recipe itself is checked anywhere: its training configs leave bf16 out where there is no GPU.)"""
+    if recipe.values.get("bf16") and not _has_cuda():
+        raise DemoError(f"{recipe.source}: bf16: true trains in bf16 mixed precision on a CUDA GPU, and this "
+                        "machine has none; drop the key (float32) or run the study on a GPU")
+
+
+def _training_sections(v: dict) -> list[dict]:
+    methods = v["distill"].get("methods") or {}
+    return [v["teacher"].get("training") or {}, v["distill"].get("common") or {}, v.get("warm_start") or {},
+            *(fields or {} for fields in methods.values())]
+
+
 def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None) -> dict:
     """`{"teacher": DistillationConfig, run: DistillationConfig, ...}` for this recipe and output folder, one
     per run of `study_runs` (with its training seed, if any; with its entry's `method`), and `"warm_start"`
@@ -277,8 +343,12 @@ def training_configs(recipe: DemoRecipe, out: Path, *, where: str | None = None)
 
     where = where or recipe.source
     v = recipe.values
+    if any("bf16" in section for section in _training_sections(v)):  # on a CPU it fails in transformers, obscurely
+        raise DemoError(f"{where}: bf16 is set for the whole study, by the top-level key `bf16: true`, not per "
+                        "training section")
     base = {"seed": v["seed"], "save_strategy": "no", "report_to": "none", "lr_scheduler_type": "cosine",
-            "disable_tqdm": False, "dataloader_num_workers": 0, "dataloader_pin_memory": False}
+            "disable_tqdm": False, "dataloader_num_workers": 0, "dataloader_pin_memory": False,
+            **({"bf16": True} if v.get("bf16") and _has_cuda() else {})}
     fields = {"teacher": ("teacher.training", {**base, "method": "sft", "output_dir": str(out / "teacher" / "training"),
                                                **_training_fields(v["teacher"].get("training") or {}, where,
                                                                   "teacher.training")})}

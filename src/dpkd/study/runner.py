@@ -108,13 +108,22 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
         seed_means,
         summary,
     )
-    from dpkd.study.recipe import entry_init, load_demo_recipe, needs_warm_start, study_runs, training_configs
+    from dpkd.study.pretrained import is_pretrained
+    from dpkd.study.recipe import (
+        check_device,
+        entry_init,
+        load_demo_recipe,
+        needs_warm_start,
+        study_runs,
+        training_configs,
+    )
     from dpkd.study.stages import study_stages
     from dpkd.study.workers import resolve_parallelism
 
     log = log if log is not None else io.StringIO()
     started = time.perf_counter()
     recipe_obj = load_demo_recipe(recipe, profile, seeds)  # every setting is checked before any work starts
+    check_device(recipe_obj)
     out = Path(out if out is not None else Path("runs") / (Path(recipe).stem if recipe else "demo")).resolve()
     v = recipe_obj.values
     workers, threads = resolve_parallelism(v.get("workers", "auto"), v.get("threads", "auto"))
@@ -140,6 +149,12 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
     def label(method: str) -> str:
         return f"{method} continued" if control_warm and method == "sft" else method
 
+    if is_pretrained(v):  # several test sets: a column group per set
+        from dpkd.study import pretrained
+
+        seed_means, summary = pretrained.set_means, pretrained.set_summaries
+        results_table, paired_table = pretrained.sets_tables(list(v["eval"]["sets"]))
+
     eval_seeds = f"sampling seeds {v['eval']['seeds']}"
     if "training_seeds" in v:
         per_method: dict[str, dict[int, dict]] = {}
@@ -148,19 +163,23 @@ def run_study(recipe: str | Path | None = None, out: str | Path | None = None, p
         rows = [(name.replace("_", " "), summary(metrics[name])) for name in names[:1 + warm_started]]
         rows += [(label(m), over_training_seeds(per_seed)) for m, per_seed in per_method.items()]
         spread = (f"mean ± std over {eval_seeds} for {', '.join(names[:1 + warm_started])}; for each method, "
-                  f"over training seeds {v['training_seeds']} of its mean over the {eval_seeds}")
-        within: dict[str, list[dict]] = {}
-        for run, method, _ in runs:
-            within.setdefault(label(method), []).append(summary(metrics[run]))
+                  f"over training seeds {v['training_seeds']}{_other_seeds(v)} of its mean over the {eval_seeds}")
     else:
         per_method = {method: {v["seed"]: seed_means(metrics[run])} for run, method, _ in runs}
         rows = [(label(name) if name in v["distill"]["methods"] else name, summary(metrics[name])) for name in names]
         spread = f"mean ± std over {eval_seeds}"
     table = results_table(rows)
-    text = f"Test split ({v['data']['test']} examples), {spread}:\n\n{table}\n"
-    if "training_seeds" in v:
-        text += (f"\nWithin one run, the std over the {eval_seeds} (mean over the training seeds):\n\n"
-                 f"{sampling_spread_table(within)}\n")
+    if is_pretrained(v):
+        sizes = ", ".join(f"{name} {result['n_examples']}" for name, result in metrics["teacher"]["sets"].items())
+        text = f"Evaluation sets (examples: {sizes}), {spread}:\n\n{table}\n"
+    else:
+        text = f"Test split ({v['data']['test']} examples), {spread}:\n\n{table}\n"
+        if "training_seeds" in v:
+            within: dict[str, list[dict]] = {}
+            for run, method, _ in runs:
+                within.setdefault(label(method), []).append(summary(metrics[run]))
+            text += (f"\nWithin one run, the std over the {eval_seeds} (mean over the training seeds):\n\n"
+                     f"{sampling_spread_table(within)}\n")
     if len(per_method) >= 2 and "sft" in per_method:
         paired = paired_table(per_method, control="sft")
         text += (f"\nPaired with the {label('sft')} control trained with the same training seed: (method − "
@@ -192,6 +211,11 @@ def _selection_note(at, runs: list[tuple[str, str, int | None]]) -> str:
                        for entry, steps in kept.items())
     return (f"Checkpoints selected on dev (greedy decoding, ROUGE-L; scored after steps {', '.join(map(str, usual))}; "
             f"the step kept, per training seed): {listed}.")
+
+
+def _other_seeds(values: dict) -> str:
+    by_method = values.get("seeds_by_method") or {}
+    return f" ({'; '.join(f'{m}: {seeds}' for m, seeds in by_method.items())})" if by_method else ""
 
 
 def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, profile: str | None = None,

@@ -27,6 +27,7 @@ from dpkd.study.build import (
     summary,
     train,
 )
+from dpkd.study.pretrained import is_pretrained
 
 
 @dataclass
@@ -135,11 +136,21 @@ class Job:
 
 
 def _data(job: Job) -> None:
-    build_data(job.values, fresh(job.at.data))
+    if is_pretrained(job.values):
+        from dpkd.study import pretrained
+
+        pretrained.build_data(job.values, fresh(job.at.data))
+    else:
+        build_data(job.values, fresh(job.at.data))
 
 
 def _tokenizer(job: Job) -> None:
-    build_tokenizer(job.values, job.at.split["train"], fresh(job.at.tokenizer))
+    if is_pretrained(job.values):
+        from dpkd.study.pretrained import save_tokenizer
+
+        save_tokenizer(job.values, fresh(job.at.tokenizer))
+    else:
+        build_tokenizer(job.values, job.at.split["train"], fresh(job.at.tokenizer))
 
 
 def _teacher(job: Job) -> None:
@@ -149,8 +160,14 @@ def _teacher(job: Job) -> None:
 
     v, at, args = job.values, job.at, job.configs["teacher"]
     folder = fresh(at.teacher)
-    n_params = build_initial_model(v["teacher"], at.tokenizer, folder / "init", v["seed"], job.max_positions)
-    job.context.note(f"    teacher: {n_params / 1e6:.2f}M parameters")
+    if is_pretrained(v):
+        from dpkd.study.pretrained import save_teacher_init, teacher_source
+
+        n_params = save_teacher_init(v, at.tokenizer, folder / "init")
+        job.context.note(f"    teacher: {teacher_source(v)}, {n_params / 1e6:.1f}M parameters, fine-tuned with sft")
+    else:
+        n_params = build_initial_model(v["teacher"], at.tokenizer, folder / "init", v["seed"], job.max_positions)
+        job.context.note(f"    teacher: {n_params / 1e6:.2f}M parameters")
     processes = v["teacher"].get("processes", 1)
     if processes > 1 and not torch.cuda.is_available():
         logged = train_data_parallel(processes, job.source, v, job.out, job.context)
@@ -161,6 +178,8 @@ def _teacher(job: Job) -> None:
     (folder / "dpkd_run.json").write_text(json.dumps(
         {"method": "teacher", "trained_with": "sft", "max_steps": args.max_steps,
          "final_loss": logged.get("train_loss")}, indent=2) + "\n")
+    if is_pretrained(v):  # evaluated on every test set (eval_teacher); dev is for checkpoint selection
+        return
     dev = summary(evaluate(folder, at.split["dev"], v["eval"], folder / "dev_greedy", greedy=True, seeds=[0]))
     job.context.note(f"    teacher on dev, greedy: exact match {dev['exact_match']['mean']:.1f}, "
                      f"ROUGE-L {dev['rougeL']['mean']:.1f}")
@@ -168,6 +187,13 @@ def _teacher(job: Job) -> None:
 
 def _student_init(job: Job) -> None:
     v = job.values
+    if is_pretrained(v):
+        from dpkd.study.pretrained import save_student_init
+
+        n_params, layers = save_student_init(v, job.at.tokenizer, fresh(job.at.student_init))
+        job.context.note(f"    student: {n_params / 1e6:.1f}M parameters, the teacher's embeddings, head and "
+                         f"blocks {layers}")
+        return
     n_params = build_initial_model(v["student"], job.at.tokenizer, fresh(job.at.student_init), v["seed"] + 1,
                                    job.max_positions)
     job.context.note(f"    student: {n_params / 1e6:.2f}M parameters")
@@ -207,6 +233,11 @@ def _train(job: Job) -> None:
 
 def _eval(job: Job) -> None:
     folder = job.at.model(job.item)
+    if is_pretrained(job.values):
+        from dpkd.study.pretrained import evaluate_sets
+
+        evaluate_sets(folder, job.values, folder / "eval")
+        return
     evaluate(folder, job.at.split["test"], job.values["eval"], folder / "eval")
 
 
@@ -257,7 +288,7 @@ def _train_inputs(plan: Plan, run: str) -> list:
         inputs.append({"training_seed": seed})
     if plan.selection is not None:
         inputs.append(plan.selection)
-    return inputs
+    return inputs + _precision(plan)
 
 
 def _train_title(plan: Plan, run: str) -> str:
@@ -279,23 +310,53 @@ def _trained(model: str) -> str:
 
 
 def _sizes(v: dict) -> str:
+    if is_pretrained(v):
+        return f"{v['data']['source']}, {v['data']['dev']} held out for dev"
     return ", ".join(f"{split} {v['data'][split]}" for split in ("train", "dev", "test"))
 
 
+def _teacher_model(v: dict) -> dict:
+    """What a pretrained teacher adds to the keys of the data and tokenizer stages (its tokenizer renders
+    the prompts); nothing for the demo's, whose keys stay those earlier versions wrote."""
+    return {"teacher_model": v["teacher"]["model"]} if is_pretrained(v) else {}
+
+
+def _positions(plan: Plan) -> int | None:
+    """The position count of the models built from scratch; a pretrained teacher (and a student made from
+    it) keeps its own, so the methods' lengths do not redo them."""
+    return None if is_pretrained(plan.values) else plan.max_positions
+
+
+def _precision(plan: Plan) -> list:
+    """`bf16: true` in the keys of the training stages; nothing without it (the keys earlier versions wrote)."""
+    return [{"bf16": True}] if plan.values.get("bf16") else []
+
+
+def _making_data(v: dict) -> str:
+    return "splitting the training set" if is_pretrained(v) else "generating the tasks"
+
+
+def _test_sets(v: dict) -> str:
+    return ", ".join(v["eval"]["sets"]) if is_pretrained(v) else "test"
+
+
 STAGES: tuple[StageKind, ...] = (
-    StageKind("data", needs=(), run=_data, title=lambda p, _: f"generating the tasks ({_sizes(p.values)})",
-              inputs=lambda p, _: {"seed": p.values["seed"], "data": p.values["data"]}),
-    StageKind("tokenizer", needs=("data",), run=_tokenizer, title="training the tokenizer",
-              inputs=lambda p, _: [p.keys["data"], p.values["tokenizer"]]),
+    StageKind("data", needs=(), run=_data, title=lambda p, _: f"{_making_data(p.values)} ({_sizes(p.values)})",
+              inputs=lambda p, _: {"seed": p.values["seed"], "data": p.values["data"], **_teacher_model(p.values)}),
+    StageKind("tokenizer", needs=("data",), run=_tokenizer,
+              title=lambda p, _: "copying the teacher's tokenizer" if is_pretrained(p.values) else "training the tokenizer",
+              inputs=lambda p, _: [p.keys["data"], p.values.get("tokenizer"), *_teacher_model(p.values).values()]),
     StageKind("teacher", needs=("tokenizer",), run=_teacher,
-              title=lambda p, _: f"training the teacher ({p.steps('teacher')} steps)",
-              inputs=lambda p, _: [p.keys["tokenizer"], p.values["teacher"], p.max_positions]),
+              title=lambda p, _: f"{'fine-tuning' if is_pretrained(p.values) else 'training'} the teacher "
+                                 f"({p.steps('teacher')} steps)",
+              inputs=lambda p, _: [p.keys["tokenizer"], p.values["teacher"], _positions(p), *_precision(p)]),
     StageKind("student_init", needs=("tokenizer",), run=_student_init, title="initialising the student", order=1,
-              inputs=lambda p, _: [p.keys["tokenizer"], p.values["student"], p.values["seed"], p.max_positions]),
+              inputs=lambda p, _: [p.keys["tokenizer"], p.values["student"], p.values["seed"], _positions(p)]),
     StageKind("warm_start", needs=("student_init",), run=_warm_start, order=1,
               each=lambda p: [None] if p.warm_started else [],
               title=lambda p, _: f"warm-starting the student with sft ({p.steps('warm_start')} steps)",
-              inputs=lambda p, _: [p.keys["student_init"], p.values["distill"]["common"], p.values["warm_start"]]),
+              inputs=lambda p, _: [p.keys["student_init"], p.values["distill"]["common"], p.values["warm_start"],
+                                   *_precision(p)]),
     # One sampling pass in large batches fills the cache for every method that reads it.
     StageKind("teacher_samples", needs=("teacher",), run=_teacher_samples, order=1,
               each=lambda p: [None] if p.cache_readers else [],
@@ -310,8 +371,9 @@ STAGES: tuple[StageKind, ...] = (
               inputs=_train_inputs),
     StageKind("eval_{}", needs=lambda p, name: (_trained(name),), run=_eval, order=4,
               each=lambda p: ["teacher", *(["warm_start"] if p.warm_started else []), *p.runs],
-              title=lambda p, name: f"evaluating {name} on test ({len(p.values['eval']['seeds'])} seeds)",
-              inputs=lambda p, name: [p.keys[_trained(name)], p.values["eval"]]),
+              title=lambda p, name: f"evaluating {name} on {_test_sets(p.values)} ({len(p.values['eval']['seeds'])} seeds)",
+              inputs=lambda p, name: [p.keys[_trained(name)], p.values["eval"]]
+              + ([p.values["data"].get("template")] if is_pretrained(p.values) else [])),
 )
 
 
