@@ -1,7 +1,7 @@
 """Checkpoints that a kill or a full disk cannot tear.
 
 A save is written to `<folder>/.partial-<name>` and renamed to `<name>` once complete
-(`DistillationTrainer._save_checkpoint`, `save_model`); `last_complete_checkpoint` passes over what a killed
+(`StagedSaves._save_checkpoint`, `save_model`, `save_merged_model`); `last_complete_checkpoint` passes over what a killed
 save left behind, so a resume always starts from a whole checkpoint.
 """
 
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from dpkd.durable import fsync_path, sync_tree
 
@@ -107,3 +107,101 @@ def replace_model_files(staging: Path, target: Path) -> None:
         os.replace(path, destination)
     staging.rmdir()
     fsync_path(target)
+
+
+class StagedSaves:
+    """The `transformers.Trainer` saves, staged: a checkpoint or a model is written to
+    `<folder>/.partial-<name>` and moved into place once complete, and no weight that is not finite is written.
+    Mixed into `dpkd.trainer.DistillationTrainer`, before `Trainer`; it calls the trainer's
+    `_refuse_nonfinite_weights` (which raises its `NonFiniteError`) and `write_model_card`."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Refuse to write a model with a non-finite weight, then save as the Trainer does."""
+        tensors = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
+        self._refuse_nonfinite_weights(tensors, output_dir or self.args.output_dir)
+        super()._save(output_dir, state_dict)
+        self.write_model_card(output_dir or self.args.output_dir)
+
+    def save_merged_model(self, output_dir: str | None = None) -> None:
+        """Merge the peft adapter into the base weights (`merge_and_unload`, which changes the model in place) and
+        save the result as a plain model that `from_pretrained` loads, as `save_model` saves: refused if a weight
+        is not finite, staged, then moved in with `config.json` last; the model card says it is merged."""
+        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+        target = Path(output_dir if output_dir is not None else self.args.output_dir)
+        staging = target / f"{STAGING_PREFIX}model"
+        self._clear_staging(staging)
+        if self.args.should_save:
+            try:
+                self._refuse_nonfinite_weights(merged.state_dict(), target)
+                merged.save_pretrained(staging)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(staging)
+                self.write_model_card(staging, adapter=False)
+            except BaseException:
+                self._drop_staging(staging)
+                raise
+            replace_model_files(staging, target)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        # While `_save_checkpoint` runs, the checkpoint folder is made inside its staging folder.
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written in `<run_dir>/.partial-checkpoint-<step>/` and renamed into place
+        when complete; older checkpoints are rotated only then. A kill or a full disk leaves the previous
+        complete checkpoint the newest one (`last_complete_checkpoint`)."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        self._clear_staging(staging)
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            self._drop_staging(staging)
+            raise
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG state, optimizer shards)
+        if self.args.should_save:
+            staged, final = staging / name, run_dir / name
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best) == staged:
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+            move_into_place(staged, final)
+            staging.rmdir()
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model where `from_pretrained` loads it: written to a staging folder first, then moved in with
+        `config.json` last, so the folder never holds a half-written model that looks complete."""
+        if _internal_call:  # a checkpoint: `_save_checkpoint` stages the whole folder
+            return super().save_model(output_dir, _internal_call)
+        target = Path(output_dir if output_dir is not None else self.args.output_dir)
+        staging = target / f"{STAGING_PREFIX}model"
+        self._clear_staging(staging)
+        try:
+            super().save_model(str(staging), _internal_call=True)
+        except BaseException:
+            self._drop_staging(staging)
+            raise
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            replace_model_files(staging, target)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _clear_staging(self, staging: Path) -> None:
+        # What a killed save left; removed before any rank writes into it.
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _drop_staging(self, staging: Path) -> None:
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)

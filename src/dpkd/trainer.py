@@ -10,7 +10,7 @@ loss is always
 where CE(sft_target) is on the dataset responses or on the teacher's cached samples y_t, and the method's
 family (`dpkd.families`, one per row of `dpkd.config.METHODS`) samples what L_distill reads and computes it.
 The configuration is `dpkd.config.DistillationConfig`; recipes and the command line are `dpkd.recipe` and
-`dpkd.cli`; staged saving and `last_complete_checkpoint` are `dpkd.checkpoints`.
+`dpkd.cli`; staged saving (`StagedSaves`, mixed in here) and `last_complete_checkpoint` are `dpkd.checkpoints`.
 
 Finite or stop: a loss term or gradient norm that is not finite stops training with a `NonFiniteError`
 naming the step, the term and what to try (or, with `skip_nonfinite`, drops that optimizer step and counts
@@ -27,23 +27,14 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from dpkd.checkpoints import (
-    STAGING_PREFIX,
-    last_complete_checkpoint,
-    move_into_place,
-    replace_model_files,
-    unstaged,
-)
+from dpkd.checkpoints import StagedSaves, last_complete_checkpoint, unstaged
 from dpkd.config import METHODS, DistillationConfig
 from dpkd.data import prepare_training_dataset
 from dpkd.durable import write_atomically
@@ -80,7 +71,7 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight; raised before anything non-finite is saved."""
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(StagedSaves, Trainer):
     """`transformers.Trainer` that distils `teacher_model` into `model` with the method in `args.method`.
 
     Mirrors TRL's trainers: `DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(...),
@@ -545,40 +536,12 @@ class DistillationTrainer(Trainer):
                 columns = ["step", "prompt", "student_completion", "teacher_completion"]
                 wandb.log({"completions": wandb.Table(columns=columns, data=rows)})
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Refuse to write a model with a non-finite weight, then save as the Trainer does."""
-        tensors = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
-        self._refuse_nonfinite_weights(tensors, output_dir or self.args.output_dir)
-        super()._save(output_dir, state_dict)
-        self.write_model_card(output_dir or self.args.output_dir)
-
     def _refuse_nonfinite_weights(self, tensors: dict, folder: str | os.PathLike) -> None:
         for name, tensor in tensors.items():
             if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
                 raise NonFiniteError(self._fault_message(f"weight {name} holds {kind} values",
                                                          saving=str(unstaged(folder))))
-
-    def save_merged_model(self, output_dir: str | None = None) -> None:
-        """Merge the peft adapter into the base weights (`merge_and_unload`, which changes the model in place) and
-        save the result as a plain model that `from_pretrained` loads, as `save_model` saves: refused if a weight
-        is not finite, staged, then moved in with `config.json` last; the model card says it is merged."""
-        merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
-        target = Path(output_dir if output_dir is not None else self.args.output_dir)
-        staging = target / f"{STAGING_PREFIX}model"
-        self._clear_staging(staging)
-        if self.args.should_save:
-            try:
-                self._refuse_nonfinite_weights(merged.state_dict(), target)
-                merged.save_pretrained(staging)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(staging)
-                self.write_model_card(staging, adapter=False)
-            except BaseException:
-                self._drop_staging(staging)
-                raise
-            replace_model_files(staging, target)
-        self.accelerator.wait_for_everyone()
 
     def write_model_card(self, folder: str | os.PathLike, *, adapter: bool | None = None) -> Path | None:
         """`README.md` in `folder` (`dpkd.model_card`): method, models, data, settings, and the results of the
@@ -601,69 +564,6 @@ class DistillationTrainer(Trainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """What `push_to_hub` uploads as the card: dpkd's (the Trainer's generic one would replace it)."""
         self.write_model_card(self.args.output_dir)
-
-    def _get_output_dir(self, trial) -> str:
-        # While `_save_checkpoint` runs, the checkpoint folder is made inside its staging folder.
-        return self._staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written in `<run_dir>/.partial-checkpoint-<step>/` and renamed into place
-        when complete; older checkpoints are rotated only then. A kill or a full disk leaves the previous
-        complete checkpoint the newest one (`last_complete_checkpoint`)."""
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / f"{STAGING_PREFIX}{name}"
-        self._clear_staging(staging)
-        self._staging_dir = str(staging)
-        try:
-            super()._save_checkpoint(model, trial)
-        except BaseException:
-            self._drop_staging(staging)
-            raise
-        finally:
-            self._staging_dir = None
-        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG state, optimizer shards)
-        if self.args.should_save:
-            staged, final = staging / name, run_dir / name
-            best = self.state.best_model_checkpoint
-            if best is not None and Path(best) == staged:
-                self.state.best_model_checkpoint = str(final)
-                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-            move_into_place(staged, final)
-            staging.rmdir()
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the model where `from_pretrained` loads it: written to a staging folder first, then moved in with
-        `config.json` last, so the folder never holds a half-written model that looks complete."""
-        if _internal_call:  # a checkpoint: `_save_checkpoint` stages the whole folder
-            return super().save_model(output_dir, _internal_call)
-        target = Path(output_dir if output_dir is not None else self.args.output_dir)
-        staging = target / f"{STAGING_PREFIX}model"
-        self._clear_staging(staging)
-        try:
-            super().save_model(str(staging), _internal_call=True)
-        except BaseException:
-            self._drop_staging(staging)
-            raise
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            replace_model_files(staging, target)
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def _clear_staging(self, staging: Path) -> None:
-        # What a killed save left; removed before any rank writes into it.
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-
-    def _drop_staging(self, staging: Path) -> None:
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
