@@ -106,13 +106,18 @@ def past_tense(rng: random.Random) -> Example:
                    f"{subject} {VERBS[verb]} the {thing}{tail}.", "past_tense")
 
 
-def continue_pattern(rng: random.Random) -> Example:
+def _pattern(rng: random.Random, hidden: int, cycle_lengths: tuple[int, int]) -> list:
+    """An arithmetic sequence of 3–5 shown numbers, or a repeated cycle of 2–3 colours shown `cycle_lengths`
+    times, then `hidden` more items to be found."""
     if rng.random() < 0.5:
         start, step = rng.randint(0, 20), rng.randint(1, 5)
-        seq = [start + step * i for i in range(rng.randint(3, 5) + 3)]
-    else:
-        cycle = rng.sample(COLORS, rng.randint(2, 3))
-        seq = [cycle[i % len(cycle)] for i in range(rng.randint(5, 6) + 3)]
+        return [start + step * i for i in range(rng.randint(3, 5) + hidden)]
+    cycle = rng.sample(COLORS, rng.randint(2, 3))
+    return [cycle[i % len(cycle)] for i in range(rng.randint(*cycle_lengths) + hidden)]
+
+
+def continue_pattern(rng: random.Random) -> Example:
+    seq = _pattern(rng, 3, (5, 6))
     return Example("Continue the pattern with three more items.", _words(seq[:-3]), _words(seq[-3:]), "pattern")
 
 
@@ -162,12 +167,7 @@ def count_words(rng: random.Random) -> Example:
 
 
 def next_item(rng: random.Random) -> Example:
-    if rng.random() < 0.5:
-        start, step = rng.randint(0, 20), rng.randint(1, 5)
-        seq = [start + step * i for i in range(rng.randint(3, 5) + 1)]
-    else:
-        cycle = rng.sample(COLORS, rng.randint(2, 3))
-        seq = [cycle[i % len(cycle)] for i in range(rng.randint(4, 6) + 1)]
+    seq = _pattern(rng, 1, (4, 6))
     return Example("What comes next?", _words(seq[:-1]), str(seq[-1]), "next")
 
 
