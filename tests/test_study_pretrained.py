@@ -130,6 +130,7 @@ def test_training_set_splits_deterministically_into_disjoint_train_and_dev(tmp_p
 
     values = _recipe_values(tiny_teacher)
     values["data"] = {"source": "vicuna", "dev": 20, "template": "chat"}  # 80 rows: quick to render
+    values["eval"]["sets"] = {"selfinst": {}}  # no prompt in common with vicuna
 
     def split(seed: int, name: str) -> dict[str, list[dict]]:
         folder = tmp_path / name
@@ -260,3 +261,33 @@ def test_gpu_preset_is_refused_before_any_work_on_a_machine_without_a_gpu(tmp_pa
     with pytest.raises(DemoError, match=r"bf16: true trains in bf16 mixed precision on a CUDA GPU"):
         run_study(RECIPES["gpu"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_prompts_of_the_evaluation_sets_are_left_out_of_train_and_dev(tmp_path, tiny_teacher):
+    import gzip
+
+    from dpkd.data_files import packaged_data_dir
+    from dpkd.study.pretrained import build_data
+
+    def raw(relative: str, n: int) -> list[str]:
+        with gzip.open(packaged_data_dir() / relative, "rt", encoding="utf-8") as handle:
+            return [line for line, _ in zip(handle, range(n))]
+
+    # 20 Dolly training rows and 2 rows that are also VicunaEval's, as a training file
+    source = tmp_path / "train.jsonl"
+    shared = raw("vicuna/valid.jsonl.gz", 2)
+    source.write_text("".join(raw("dolly/dev.jsonl.gz", 20)[:10] + shared + raw("dolly/dev.jsonl.gz", 20)[10:]))
+    values = _recipe_values(tiny_teacher)
+    values["data"] = {"source": str(source), "dev": 5, "template": "chat"}
+    values["eval"]["sets"] = {"vicuna": {}, "selfinst": {}}
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = build_data({**values, "seed": 0}, folder)
+    kept = {s: [json.loads(line)["prompt"] for line in p.read_text().splitlines()] for s, p in paths.items()}
+    tokenizer = load_tokenizer(tiny_teacher)
+    from dpkd.data import load_instruction_data
+
+    vicuna = set(load_instruction_data("vicuna", template="chat", tokenizer=tokenizer)["prompt"])
+    assert len(kept["train"]) + len(kept["dev"]) == 20
+    assert not vicuna & set(kept["train"] + kept["dev"])
+

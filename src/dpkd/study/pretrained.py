@@ -172,21 +172,28 @@ def _known_layer_count(model: str) -> int | None:
 def build_data(values: dict, folder: Path) -> dict[str, Path]:
     """Render `data.source` with `data.template` and write `train.jsonl` and `dev.jsonl` (prompt/completion
     rows): `data.dev` rows drawn by a permutation seeded with the recipe's seed, the rest (at most
-    `data.train` of them) for training."""
+    `data.train` of them) for training; rows whose prompt is in one of the evaluation sets are left out of
+    both."""
     import random
 
     from dpkd.data import load_instruction_data
     from dpkd.modeling import load_tokenizer
 
     data = values["data"]
-    rows = load_instruction_data(data["source"], template=data.get("template", "auto"),
-                                 tokenizer=load_tokenizer(teacher_source(values)))
+    tokenizer = load_tokenizer(teacher_source(values))
+    rows = load_instruction_data(data["source"], template=data.get("template", "auto"), tokenizer=tokenizer)
     if data["dev"] >= len(rows):
         raise ValueError(f"data.dev: {data['dev']} rows held out of the {len(rows)} of {data['source']} leave "
                          "none to train on")
     order = list(range(len(rows)))
     random.Random(values["seed"]).shuffle(order)
-    dev, train = sorted(order[:data["dev"]]), sorted(order[data["dev"]:])[:data.get("train")]
+    # A prompt that is also in an evaluation set is neither trained on nor used to choose a checkpoint
+    # (MiniLLM's Dolly dev split shares one with DollyEval); dropped after the draw, so that the split of
+    # every other row does not depend on the evaluation sets.
+    evaluated = {row["prompt"] for name in values["eval"]["sets"]
+                 for row in load_instruction_data(name, template=data.get("template", "auto"), tokenizer=tokenizer)}
+    dev = [i for i in sorted(order[:data["dev"]]) if rows[i]["prompt"] not in evaluated]
+    train = [i for i in sorted(order[data["dev"]:]) if rows[i]["prompt"] not in evaluated][:data.get("train")]
     paths = {}
     for split, indices in (("train", train), ("dev", dev)):
         paths[split] = folder / f"{split}.jsonl"
