@@ -100,3 +100,19 @@ def test_report_refuses_a_run_without_eval_results_before_writing(evaluated_runs
     assert not out.exists()
     assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_runs_of_one_method_under_several_training_seeds_make_one_bar_with_the_spread_over_them():
+    from dpkd.report import Run, _order_runs, rouge_bars
+
+    def run(name: str, label: str, mean: float, std: float) -> Run:
+        summary = {"rougeL": {"mean": mean, "std": std}}
+        return Run(path=Path(name), method="dpkd" if "dpkd" in name else "sft", label=label,
+                   metrics={"sets": {"dolly": {"summary": summary}}})
+
+    runs = _order_runs([run("sft_s0", "SFT continued", 30.0, 1.0), run("sft_s1", "SFT continued", 32.0, 0.5),
+                        run("dpkd_s0", "DPKD", 26.0, 2.0), run("teacher", "Teacher", 50.0, 0.25)])
+    assert len({r.label for r in runs}) == 4  # the tables keep one row per run
+    bars = {label: (means, stds) for label, means, stds in rouge_bars(runs, ["dolly"])}
+    assert bars["SFT continued (2 runs)"] == ([31.0], [1.0])  # std over the two runs, not over sampling seeds
+    assert bars["DPKD"] == ([26.0], [2.0]) and len(bars) == 3

@@ -34,6 +34,7 @@ class Run:
     metrics: dict
     log_history: list[dict] = field(default_factory=list)
     teacher_path: Path | None = None
+    group: str = ""  # the label before it was made unique: runs of one method under several training seeds
 
 
 def _read_json(path: Path) -> dict:
@@ -76,6 +77,8 @@ def _order_runs(runs: list[Run]) -> list[Run]:
         return METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
 
     ordered = sorted(runs, key=rank)
+    for r in ordered:
+        r.group = r.label
     labels = [r.label for r in ordered]
     for r in ordered:
         if labels.count(r.label) > 1:
@@ -162,25 +165,43 @@ def _training_table(runs: list[Run]) -> list[str]:
             *_table(["Method", "steps", *(title for _, title in CURVES)], rows)]
 
 
+def rouge_bars(runs: list[Run], sets: list[str]) -> list[tuple[str, list[float], list[float]]]:
+    """One bar per method for each set: `(label, means, stds)`. Runs that share a label (one method under
+    several training seeds) make one bar, the mean over the runs of each run's mean over its sampling seeds,
+    with the std over the runs; a run alone keeps its std over sampling seeds."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group or r.label, []).append(r)
+    bars = []
+    for label, members in groups.items():
+        means, stds = [], []
+        for s in sets:
+            summaries = [m.metrics["sets"].get(s, {}).get("summary", {}).get("rougeL") or {} for m in members]
+            values = [summary.get("mean") or 0.0 for summary in summaries]
+            mean = sum(values) / len(values)
+            means.append(mean)
+            stds.append((sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 if len(values) > 1
+                        else summaries[0].get("std") or 0.0)
+        bars.append((label if len(members) == 1 else f"{label} ({len(members)} runs)", means, stds))
+    return bars
+
+
 def plot_rouge(runs: list[Run], sets: list[str], path: Path) -> Path:
-    """Grouped bars: ROUGE-L per evaluation set, one bar per method, error bars = std over seeds."""
+    """Grouped bars: ROUGE-L per evaluation set, one bar per method (`rouge_bars`): error bars are the std
+    over sampling seeds, or over training seeds for a method trained under several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sets) + 0.4 * len(runs)), 4.5))
-    width = 0.8 / len(runs)
-    for i, r in enumerate(runs):
-        means, stds = [], []
-        for s in sets:
-            summary = r.metrics["sets"].get(s, {}).get("summary", {}).get("rougeL") or {}
-            means.append(summary.get("mean") or 0.0)
-            stds.append(summary.get("std") or 0.0)
-        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(sets))]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=r.label, color=f"C{i}")
+    bars = rouge_bars(runs, sets)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sets) + 0.4 * len(bars)), 4.5))
+    width = 0.8 / len(bars)
+    for i, (label, means, stds) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(sets))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label, color=f"C{i}")
     ax.set_xticks(range(len(sets)), [SET_TITLES.get(s, s) for s in sets])
-    ax.set_ylabel("ROUGE-L (mean ± std over seeds)")
+    ax.set_ylabel("ROUGE-L (mean ± std)")
     ax.set_title("ROUGE-L by method and evaluation set")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
@@ -208,8 +229,7 @@ def plot_training_curves(runs: list[Run], path: Path) -> Path | None:
         for i, r in enumerate(runs):
             points = [(e["step"], e[key]) for e in r.log_history if key in e and "step" in e]
             if points:
-                # The same colour per run as in the ROUGE-L chart.
-                ax.plot(*zip(*points), marker=".", label=r.label, color=f"C{i}")
+                ax.plot(*zip(*points), marker=".", label=r.label, color=f"C{i % 10}")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
