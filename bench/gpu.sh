@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # dpkd against TRL on one GPU (bench/throughput.py --size gpt2: GPT-2 medium teaching GPT-2 small,
-# bf16), the sampler against `generate` (bench/sampling.py), then the trainer tests on the GPU; under
-# 8.5 minutes in all (each part has its own time limit, so one that hangs leaves the others their time).
+# bf16), the sampler against `generate` (bench/sampling.py), then the trainer tests on the GPU; about 7
+# minutes on an H200 (2026-11-28), 9.5 at most (each part has its own time limit, so one that hangs leaves
+# the others their time).
 #
 # For a machine with torch, transformers, accelerate, peft and pytest but without trl, datasets or
 # rouge-score, and without network (the H200 machine). Fetch the wheels beforehand, with network, from the
@@ -13,7 +14,7 @@
 # env.txt (GPU, versions), throughput.md (the tables), throughput.json (rewritten after each configuration,
 # so a run cut short keeps what it measured), sampling.md, tests.log, pip-dpkd.log.
 # For a dry run elsewhere: SITE (where the wheels go, default /tmp/site), THROUGHPUT_ARGS (default
-# "--size gpt2 --device cuda"), SAMPLING_ARGS (default "--size gpt2 --device cuda --batch 16
+# "--size gpt2 --device cuda", the dpkd pairs first), SAMPLING_ARGS (default "--size gpt2 --device cuda --batch 16
 # --new-tokens 128 --repeats 3"), TESTS (default: the trainer and precision test files) and
 # TEST_DEVICE (default cuda) replace those parts.
 set -uo pipefail
@@ -66,25 +67,27 @@ print("dpkd from", dpkd.__file__, "; GPU visible to torch:", torch.cuda.is_avail
 PYTHON
 } 2>&1 | tee "$out/env.txt"
 
-# About 5 minutes on an H200 (12 configurations, each in its own process: ~15 s to start, a compile of
+# About 5 minutes on an H200 (13 configurations, each in its own process: ~15 s to start, a compile of
 # the decode step where dpkd samples (transformers' static-cache path; the compiled graphs are cached on
-# disk for the next process), then 5 steps). A child is stopped after 150 s, the whole benchmark after
-# 330 s (timeout signals its process group).
+# disk for the next process), then 5 steps; 12 of them took 280 s on 2026-11-28). The dpkd pairs run
+# first, so that a cut run keeps them. A child is stopped after 150 s, the whole benchmark after 360 s
+# (timeout signals its process group).
 # shellcheck disable=SC2086  # THROUGHPUT_ARGS, SAMPLING_ARGS and TESTS are word lists
-timeout -k 10 330 "$py" bench/throughput.py ${THROUGHPUT_ARGS:---size gpt2 --device cuda} \
+default_pairs=dpkd_vs_distillation,jsd,kd,dpkd_token,jsd_onpolicy,dpkd_vs_gkd
+timeout -k 10 360 "$py" bench/throughput.py ${THROUGHPUT_ARGS:---size gpt2 --device cuda --only $default_pairs} \
   --child-timeout 150 --json "$out/throughput.json" 2>&1 | tee "$out/throughput.md"
 bench_status=$?
 
 # The sampler alone, student and teacher, against plain `generate` with the dynamic cache (about 1 minute).
 # shellcheck disable=SC2086
-timeout -k 10 100 "$py" bench/sampling.py ${SAMPLING_ARGS:---size gpt2 --device cuda --batch 16 \
+timeout -k 10 80 "$py" bench/sampling.py ${SAMPLING_ARGS:---size gpt2 --device cuda --batch 16 \
   --new-tokens 128 --repeats 3} 2>&1 | tee "$out/sampling.md"
 sampling_status=$?
 
 # The trainer tests on the GPU: conftest's make_config reads DPKD_TEST_DEVICE (tests that set use_cpu
 # themselves stay on the CPU). Every failure is listed (-rf), none stops the run.
 # shellcheck disable=SC2086
-DPKD_TEST_DEVICE=${TEST_DEVICE:-cuda} timeout -k 10 90 "$py" -m pytest -q -rf -p no:cacheprovider \
+DPKD_TEST_DEVICE=${TEST_DEVICE:-cuda} timeout -k 10 80 "$py" -m pytest -q -rf -p no:cacheprovider \
   ${TESTS:-tests/test_precision.py tests/test_trainer_dpkd.py tests/test_trainer.py} 2>&1 | tee "$out/tests.log"
 tests_status=$?
 
