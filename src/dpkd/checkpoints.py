@@ -128,20 +128,15 @@ class StagedSaves:
         is not finite, staged, then moved in with `config.json` last; the model card says it is merged."""
         merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
         target = Path(output_dir if output_dir is not None else self.args.output_dir)
-        staging = target / f"{STAGING_PREFIX}model"
-        self._clear_staging(staging)
-        if self.args.should_save:
-            try:
-                self._refuse_nonfinite_weights(merged.state_dict(), target)
-                merged.save_pretrained(staging)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(staging)
-                self.write_model_card(staging, adapter=False)
-            except BaseException:
-                self._drop_staging(staging)
-                raise
-            replace_model_files(staging, target)
-        self.accelerator.wait_for_everyone()
+
+        def write(staging: Path) -> None:
+            self._refuse_nonfinite_weights(merged.state_dict(), target)
+            merged.save_pretrained(staging)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(staging)
+            self.write_model_card(staging, adapter=False)
+
+        self._save_staged(target, write, every_rank=False)
 
     def _get_output_dir(self, trial) -> str:
         # While `_save_checkpoint` runs, the checkpoint folder is made inside its staging folder.
@@ -182,19 +177,27 @@ class StagedSaves:
         if _internal_call:  # a checkpoint: `_save_checkpoint` stages the whole folder
             return super().save_model(output_dir, _internal_call)
         target = Path(output_dir if output_dir is not None else self.args.output_dir)
+        save = super().save_model
+        # Every rank takes part: the Trainer gathers sharded weights (FSDP, ZeRO-3) and the main rank writes.
+        self._save_staged(target, lambda staging: save(str(staging), _internal_call=True), every_rank=True)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_staged(self, target: Path, write, *, every_rank: bool) -> None:
+        """`write(staging)` into `<target>/.partial-model` (on every rank, or on the main one alone), then the
+        files moved into `target` with `config.json` last; a failed write leaves `target` as it was."""
         staging = target / f"{STAGING_PREFIX}model"
         self._clear_staging(staging)
-        try:
-            super().save_model(str(staging), _internal_call=True)
-        except BaseException:
-            self._drop_staging(staging)
-            raise
+        if every_rank or self.args.should_save:
+            try:
+                write(staging)
+            except BaseException:
+                self._drop_staging(staging)
+                raise
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             replace_model_files(staging, target)
         self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _clear_staging(self, staging: Path) -> None:
         # What a killed save left; removed before any rank writes into it.

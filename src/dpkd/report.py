@@ -9,6 +9,7 @@ student run names it as its teacher, or when its `dpkd_run.json` says `"method":
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,10 +179,8 @@ def rouge_bars(runs: list[Run], sets: list[str]) -> list[tuple[str, list[float],
         for s in sets:
             summaries = [m.metrics["sets"].get(s, {}).get("summary", {}).get("rougeL") or {} for m in members]
             values = [summary.get("mean") or 0.0 for summary in summaries]
-            mean = sum(values) / len(values)
-            means.append(mean)
-            stds.append((sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 if len(values) > 1
-                        else summaries[0].get("std") or 0.0)
+            means.append(statistics.fmean(values))
+            stds.append(statistics.pstdev(values) if len(values) > 1 else summaries[0].get("std") or 0.0)
         bars.append((label if len(members) == 1 else f"{label} ({len(members)} runs)", means, stds))
     return bars
 
